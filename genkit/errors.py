@@ -19,7 +19,8 @@ class ConfigError(GenkitError):
         if len(self.problems) == 1:
             msg = self.problems[0]
         else:
-            msg = f"{len(self.problems)} problems in the configuration: " + "; ".join(self.problems)
+            msg = f"{len(self.problems)} problems in the configuration:\n" + "\n".join(
+                f"  - {p}" for p in self.problems)
         super().__init__(msg)
 
 

@@ -1,0 +1,260 @@
+"""``genkit train-flow``: maximum-likelihood training of a Transformer autoregressive flow on images.
+
+The loop reads top to bottom: build the runtime and components, then one loop (accumulate, clip, step,
+EMA, log, checkpoint).  Batches, dequantization noise and label drops are functions of (seed, step)
+(``genkit.data.batches``), so a resumed run equals an uninterrupted one and W processes equal one
+process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from genkit.config import field, to_dict
+from genkit.data.batches import batch_indices, step_generator
+from genkit.data.grid import save_grid, save_samples_npz
+from genkit.data.images import ImageData, load_images
+from genkit.errors import ConfigError
+from genkit.eval.bpd import bits_per_dim, dequantize
+from genkit.runtime import EMA, Runtime, RuntimeConfig, atomic_write_json
+from genkit.runtime.checkpoint import save_model_folder
+
+
+@dataclass
+class FlowDataConfig:
+    source: str = field("digits", help="image source: digits, mnist5k, fashion-mnist or a folder of images")
+    split_seed: int = field(0, help="seed of the train/test split")
+    image_size: int = field(0, help="resize folder images to this size (0 = keep)", min=0)
+    channels: int = field(1, help="channels for folder images (1 = grey, 3 = RGB)", min=1, max=3)
+    noise: Literal["uniform", "gaussian"] = field(
+        "uniform", help="uniform dequantization (likelihood runs, exact bits/dim) or Gaussian noise augmentation")
+    noise_std: float = field(0.05, help="sigma of the Gaussian noise augmentation, in [-1,1] pixel units", min=0.0)
+    conditional: bool = field(False, help="condition on class labels (needed for classifier-free guidance)")
+    label_drop: float = field(0.1, help="probability of replacing a label by the null label (CFG training)",
+                              min=0.0, max=1.0)
+
+
+@dataclass
+class TarFlowArch:
+    """TarFlow architecture (arXiv 2412.06329, Sec. 3); see genkit/flows/tarflow.py."""
+
+    patch_size: int = field(2, help="patch side; tokens are C*p*p-dimensional", min=1)
+    num_blocks: int = field(4, help="flow blocks (each a causal transformer over the permuted tokens)", min=1)
+    layers_per_block: int = field(2, help="transformer layers per flow block", min=1)
+    width: int = field(128, help="transformer width (channels)", min=8)
+    head_dim: int = field(32, help="attention head dimension", min=4)
+    expansion: int = field(4, help="MLP expansion ratio", min=1)
+    dropout: float = field(0.0, help="dropout in the transformer", min=0.0, max=1.0)
+
+
+@dataclass
+class FlowTrainConfig:
+    steps: int = field(2000, help="optimizer steps", min=1)
+    batch_size: int = field(128, help="global batch size (split over processes and accumulation)", min=1)
+    lr: float = field(1e-3, help="peak AdamW learning rate", min=0.0)
+    min_lr: float = field(1e-5, help="learning rate at the end of the cosine decay", min=0.0)
+    warmup_steps: int = field(100, help="linear warm-up steps", min=0)
+    weight_decay: float = field(1e-4, help="AdamW weight decay", min=0.0)
+    beta2: float = field(0.95, help="AdamW beta2", min=0.0, max=1.0)
+    grad_clip: float = field(1.0, help="gradient-norm clip (0 = off)", min=0.0)
+    ema_decay: float = field(0.0, help="EMA decay of the weights (0 = no EMA)", min=0.0, max=1.0)
+
+
+@dataclass
+class FlowEvalConfig:
+    test_bpd: bool = field(True, help="compute test bits/dim at the end of training")
+    eval_every: int = field(0, help="also compute test bits/dim every N steps (0 = only at the end)", min=0)
+    samples: int = field(64, help="samples for the final samples.png grid (0 = none)", min=0)
+    guidance: float = field(0.0, help="guidance weight of the final samples (CFG or attention temperature)")
+
+
+@dataclass
+class FlowRecipe:
+    """Recipe of ``genkit train-flow``."""
+
+    model: Literal["tarflow"] = field("tarflow", help="flow family")
+    arch: TarFlowArch = field(default_factory=TarFlowArch, help="architecture")
+    data: FlowDataConfig = field(default_factory=FlowDataConfig, help="data")
+    train: FlowTrainConfig = field(default_factory=FlowTrainConfig, help="optimisation")
+    eval: FlowEvalConfig = field(default_factory=FlowEvalConfig, help="evaluation at the end")
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, help="runtime")
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.train.batch_size % self.runtime.grad_accum:
+            p.append(f"train.batch_size: {self.train.batch_size} is not divisible by runtime.grad_accum "
+                     f"{self.runtime.grad_accum}")
+        return p
+
+
+def build_flow(cfg: FlowRecipe, shape: tuple[int, int, int], num_classes: int):
+    from genkit.flows.tarflow import TarFlow, TarFlowConfig
+
+    c, h, w = shape
+    if h != w:
+        raise ConfigError(f"data: TarFlow needs square images, got {h}x{w}: set data.image_size")
+    if h % cfg.arch.patch_size:
+        raise ConfigError(f"arch.patch_size: {cfg.arch.patch_size} does not divide the image size {h}")
+    a = cfg.arch
+    mcfg = TarFlowConfig(img_size=h, channels=c, patch_size=a.patch_size, num_blocks=a.num_blocks,
+                         layers_per_block=a.layers_per_block, channels_model=a.width, head_dim=a.head_dim,
+                         num_classes=num_classes if cfg.data.conditional else 0, expansion=a.expansion,
+                         dropout=a.dropout)
+    return TarFlow(mcfg)
+
+
+def lr_at(step: int, t: FlowTrainConfig) -> float:
+    """Linear warm-up then cosine decay from ``lr`` to ``min_lr``."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def make_inputs(data: ImageData, idx: torch.Tensor, cfg: FlowRecipe, seed: int, step: int):
+    """Model inputs of the global batch ``idx`` at ``step``: dequantized/noised images and (dropped) labels."""
+    ints = data.ints[idx]
+    g = step_generator(seed, step, stream=2)
+    if cfg.data.noise == "uniform":
+        x = dequantize(ints, data.levels, torch.rand(ints.shape, generator=g))
+    else:
+        x = (ints.float() + 0.5) / data.levels * 2 - 1 + cfg.data.noise_std * torch.randn(ints.shape, generator=g)
+    y = None
+    if cfg.data.conditional:
+        y = data.labels[idx].clone()
+        drop = torch.rand(y.shape, generator=step_generator(seed, step, stream=3)) < cfg.data.label_drop
+        y[drop] = data.num_classes  # the null label
+    return x, y
+
+
+def flow_log_prob(model):
+    """``log p(v, y)`` in nats per sample, for a flow ``model(x, y) -> (z, logdet)`` with a N(0, I) prior."""
+
+    def fn(v, y):
+        z, logdet = model(v, y)
+        d = z[0].numel()
+        return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi) + logdet
+
+    return fn
+
+
+def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict:
+    rt = Runtime(cfg.runtime, out, quiet=quiet)
+    seed = cfg.runtime.seed
+    train = load_images(cfg.data.source, "train", seed=cfg.data.split_seed, image_size=cfg.data.image_size or None,
+                        channels=cfg.data.channels)
+    test = load_images(cfg.data.source, "test", seed=cfg.data.split_seed, image_size=cfg.data.image_size or None,
+                       channels=cfg.data.channels)
+    if cfg.data.conditional and train.labels is None:
+        raise ConfigError(f"data.conditional: source '{cfg.data.source}' has no labels")
+    torch.manual_seed(seed)  # same initial weights on every rank
+    model = build_flow(cfg, train.shape, train.num_classes)
+    model_config = model.config.to_dict()
+    rt.write_config(cfg)
+    t = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, t.beta2), weight_decay=t.weight_decay)
+    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    model, opt = rt.prepare(model, opt)
+    meta = rt.resume(model, opt, ema=ema)
+    start = meta["step"] if meta else 0
+    n_params = sum(p.numel() for p in model.parameters())
+    dims = int(torch.tensor(train.shape).prod())
+    log_bin = dims * math.log(2.0 / train.levels)  # see genkit.eval.bpd
+    micro = t.batch_size // cfg.runtime.grad_accum
+    t0, seen = time.time(), 0
+    last = {}
+    with rt.progress(t.steps, initial=start, description="train-flow") as bar:
+        for step in range(start, t.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, t)
+            idx = batch_indices(len(train), t.batch_size, step, seed)
+            x, y = make_inputs(train, idx, cfg, seed, step)
+            model.train()
+            total = torch.zeros((), device=rt.device)
+            for a in range(cfg.runtime.grad_accum):
+                sl = slice(a * micro, (a + 1) * micro)
+                mine = rt.shard(micro)
+                xb = x[sl][mine].to(rt.device)
+                yb = y[sl][mine].to(rt.device) if y is not None else None
+                with rt.no_sync(model, skip=a < cfg.runtime.grad_accum - 1):
+                    with rt.autocast():
+                        z, logdet = model(xb, yb)
+                    # per-dim NLL in nats over v in [-1,1]^D (the constant 0.5 log 2pi keeps it a true NLL)
+                    nll = (0.5 * z.float().flatten(1).pow(2).sum(1) - logdet.float()).mean() / dims \
+                        + 0.5 * math.log(2 * math.pi)
+                    rt.check_finite(nll, step)
+                    rt.backward(nll / cfg.runtime.grad_accum)
+                total += nll.detach() / cfg.runtime.grad_accum
+            gnorm = rt.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else float("nan")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(rt.unwrap(model))
+            seen += t.batch_size
+            done = step + 1
+            if done % cfg.runtime.log_every == 0 or done == t.steps:
+                loss = rt.mean(total)
+                bpd = (loss * dims - log_bin) / (dims * math.log(2))
+                last = {"loss": loss, "train_bpd": bpd, "lr": lr_at(step, t), "grad_norm": gnorm}
+                if cfg.eval.eval_every and done % cfg.eval.eval_every == 0:
+                    last["test_bpd"] = evaluate_bpd(rt.unwrap(model), test, rt, ema)
+                rt.log(done, **last)
+            bar.update(1, **({"bpd": last["train_bpd"]} if last else {}))
+            if cfg.runtime.checkpoint_every and done % cfg.runtime.checkpoint_every == 0 and done < t.steps:
+                rt.save_checkpoint(done, model, opt, config=model_config, ema=ema)
+    rt.save_checkpoint(t.steps, model, opt, config=model_config, ema=ema)
+    train_seconds = time.time() - t0
+    final = rt.unwrap(model)
+    if ema is not None:
+        final.load_state_dict(ema.weights_for(final))
+    final.eval()
+    metrics = {"model": cfg.model, "params": n_params, "steps": t.steps, "train_seconds": round(train_seconds, 2),
+               "images_per_second": round(seen / max(train_seconds, 1e-9), 2)}
+    metrics.update({f"final_{k}": v for k, v in last.items()})
+    if rt.is_main:
+        save_model_folder(rt.out / "model", {k: v for k, v in final.state_dict().items()}, model_config)
+        sigma = cfg.data.noise_std if cfg.data.noise == "gaussian" else (2.0 / train.levels) / math.sqrt(12.0)
+        atomic_write_json(rt.out / "model" / "data.json", {
+            "source": cfg.data.source, "split_seed": cfg.data.split_seed, "levels": train.levels,
+            "shape": list(train.shape), "num_classes": train.num_classes if cfg.data.conditional else 0,
+            "noise": cfg.data.noise, "noise_sigma": sigma})
+        if cfg.eval.test_bpd:
+            metrics["test_bpd"] = evaluate_bpd(final, test, rt, None)
+            metrics["train_bpd_eval"] = evaluate_bpd(final, train.subset(range(min(len(train), len(test)))), rt,
+                                                     None)
+        if cfg.eval.samples:
+            x = sample_flow(final, cfg.eval.samples, seed=seed, guidance=cfg.eval.guidance,
+                            num_classes=train.num_classes if cfg.data.conditional else 0, device=rt.device)
+            save_grid(x, rt.out / "samples.png")
+            metrics["samples_png"] = str(rt.out / "samples.png")
+    rt.write_metrics(metrics)
+    rt.wait()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_bpd(model, data: ImageData, rt, ema=None) -> float:
+    model.eval()
+    return bits_per_dim(flow_log_prob(model), data, batch_size=256, device=rt.device)
+
+
+@torch.no_grad()
+def sample_flow(model, n: int, *, seed: int = 0, guidance: float = 0.0, num_classes: int = 0, labels=None,
+                device="cpu", temperature: float = 1.0) -> torch.Tensor:
+    """Draw ``n`` images in [-1, 1]: z ~ N(0, temperature^2 I), reverse pass with the KV cache.
+
+    Conditional models get labels ``0..num_classes-1`` cycled (or ``labels``)."""
+    c = model.config
+    g = step_generator(seed, 0, stream=11)
+    z = temperature * torch.randn((n, c.channels, c.img_size, c.img_size), generator=g).to(device)
+    y = None
+    if c.num_classes:
+        y = (torch.as_tensor(labels) if labels is not None else torch.arange(n) % c.num_classes).to(device)
+    x = model.reverse(z, y, guidance=guidance)
+    return x.clamp(-1, 1)
