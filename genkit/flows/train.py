@@ -180,6 +180,8 @@ def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict
             for a in range(cfg.runtime.grad_accum):
                 sl = slice(a * micro, (a + 1) * micro)
                 mine = rt.shard(micro)
+                if step == start and a == 0:  # which rows each rank trains on (rank-disjoint shards)
+                    rt.log(step, event="first_batch", rows_by_rank=rt.gather(idx[sl][mine]).tolist())
                 xb = x[sl][mine].to(rt.device)
                 yb = y[sl][mine].to(rt.device) if y is not None else None
                 with rt.no_sync(model, skip=a < cfg.runtime.grad_accum - 1):

@@ -27,7 +27,7 @@ def process_info(cpu: bool = False) -> ProcessInfo:
     """Rank/world size/device of this process (initialises the process group when launched)."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu or not torch.cuda.is_available())
     return ProcessInfo(state.process_index, state.num_processes, state.local_process_index, state.device)
 
 

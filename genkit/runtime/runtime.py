@@ -78,7 +78,9 @@ class Runtime:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         mp = cfg.mixed_precision
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu)
+        # cpu=True also on GPU-less machines: Accelerate then runs several processes (torchrun /
+        # `accelerate launch --multi_gpu`) as MULTI_CPU over gloo instead of silently as one
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu or not torch.cuda.is_available())
         self.out = Path(out)
         self.quiet = quiet
         set_seed(cfg.seed + self.rank)
@@ -132,6 +134,10 @@ class Runtime:
         """Mean of a scalar over all processes (for logging)."""
         t = torch.as_tensor(value, dtype=torch.float32, device=self.device).reshape(1)
         return float(self.accelerator.gather(t).mean())
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a same-shaped tensor from every process, in rank order (rank dim first)."""
+        return self.accelerator.gather(t.to(self.device).unsqueeze(0)).cpu()
 
     def shard(self, n: int) -> slice:
         """This rank's contiguous share of a global batch of ``n`` rows (n must divide evenly)."""
