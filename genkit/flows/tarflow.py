@@ -84,7 +84,7 @@ class TarFlowConfig:
         return {"model_type": MODEL_TYPE, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TarFlowConfig":
+    def from_dict(cls, d: dict) -> TarFlowConfig:
         d = dict(d)
         model_type = d.pop("model_type", MODEL_TYPE)
         known = {f.name for f in fields(cls)}
@@ -348,7 +348,7 @@ class TarFlow(nn.Module):
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def from_pretrained(cls, folder, device="cpu") -> "TarFlow":
+    def from_pretrained(cls, folder, device="cpu") -> TarFlow:
         """Load a folder written by `save_pretrained`."""
         from safetensors.torch import load_file
 
@@ -368,12 +368,14 @@ def drop_labels(y, p: float, num_classes: int, generator=None):
     return torch.where(drop, torch.full_like(y, num_classes), y)  # (B,)
 
 
-def denoise(model: TarFlow, x, y=None, *, sigma: float, step_scale: float = 1.0):
+def denoise(model: TarFlow, x, y=None, sigma: float | None = None, *, step_scale: float = 1.0):
     """Score-based denoising of samples (paper §2, "Denoising"): x + sigma^2 * grad_x log p(x), Tweedie's
     formula for a model trained on data + N(0, sigma^2) noise, with the flow's own exact density. The official
     code (`evaluate_fid.py`, `sample.ipynb`) takes one gradient step on its mean loss with lr = B * N * sigma^2,
     which is the same step; `step_scale` is its `--self_denoising_lr` multiplier. Batched (samples do not
     interact); works under `no_grad`/`inference_mode`; gradients reach only x, not the weights."""
+    if sigma is None:
+        raise TypeError("denoise() needs sigma, the std of the Gaussian noise the model was trained with")
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)  # (B, C, H, W); clone also leaves inference mode
         y = None if y is None else y.clone()
