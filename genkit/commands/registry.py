@@ -11,14 +11,44 @@ def _flow(path):
     return C.load(FlowRecipe, path)
 
 
+def _diffusion(path):
+    from genkit.diffusion.train import DiffusionRecipe
+
+    return C.load(DiffusionRecipe, path)
+
+
 def _mixture(path):
     from genkit.models.denoisers import load_denoiser
 
     return load_denoiser(path)
 
 
+def _recaption(path):
+    from genkit.recaption.pipeline import RecaptionConfig
+
+    return C.load(RecaptionConfig, path)
+
+
+def _train_dllm(path):
+    from genkit.dllm.train import DLLMRecipe
+
+    return C.load(DLLMRecipe, path)
+
+
+def _decode(path):
+    from genkit.dllm.decode import DecodeConfig
+
+    cfg = C.load(DecodeConfig, path)
+    cfg.knobs()  # knobs the decoder does not take are an error
+    return cfg
+
+
 # recipes/<folder> -> loader(path) that raises ConfigError on a bad recipe
 RECIPE_CONFIGS = {
+    "train-dllm": _train_dllm,
+    "decode": _decode,
     "train-flow": _flow,
     "mixtures": _mixture,
+    "train-diffusion": _diffusion,
+    "recaption": _recaption,
 }
