@@ -377,6 +377,8 @@ def load_denoiser(path: str | Path, **kwargs):
     """Path -> denoiser ``D(x, sigma, **cond)``.
 
     - a ``.yaml``/``.yml`` file with ``kind: gaussian_mixture`` -> :class:`GaussianMixtureDenoiser`;
+    - a genkit EDM teacher (run folder, checkpoint or model folder of ``genkit train-diffusion``)
+      -> ``genkit.diffusion.io.EDMTeacher``;
     - a diffusers ``UNet2DModel``/``UNet2DConditionModel`` folder (or a pipeline folder with ``unet/``)
       -> ``genkit.models.diffusers_adapter.DiffusersDenoiser`` (``kwargs`` go to its loader).
     Anything else is a :class:`ConfigError` saying what was expected.
@@ -390,10 +392,13 @@ def load_denoiser(path: str | Path, **kwargs):
             raise ConfigError(f"{p} is not a Gaussian-mixture model file (expected 'kind: gaussian_mixture')")
         return GaussianMixtureDenoiser.from_config(cfg, source=str(p))
     if p.is_dir():
+        from genkit.diffusion.io import is_edm_teacher_folder, load_edm_teacher
         from genkit.models.diffusers_adapter import is_diffusers_unet_folder, load_diffusers_denoiser
 
+        if is_edm_teacher_folder(p):
+            return load_edm_teacher(p)
         if is_diffusers_unet_folder(p):
             return load_diffusers_denoiser(p, **kwargs)
-        raise ConfigError(f"{p} is a folder but not a diffusers UNet2DModel/UNet2DConditionModel folder "
-                          "(no config.json naming a UNet, no unet/ subfolder)")
+        raise ConfigError(f"{p} is a folder but neither a genkit diffusion teacher (genkit train-diffusion --out) "
+                          "nor a diffusers UNet2DModel/UNet2DConditionModel folder")
     raise ConfigError(f"{p} is not a model: expected a mixture .yaml file or a diffusers UNet folder")
