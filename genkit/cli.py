@@ -14,6 +14,7 @@ import click
 import typer
 
 from genkit.commands import eval as eval_cmd
+from genkit.commands import recaption as recaption_cmd
 from genkit.commands import sample as sample_cmd
 from genkit.commands import train_flow as train_flow_cmd
 from genkit.errors import GenkitError
@@ -31,6 +32,7 @@ app = typer.Typer(
 COMMANDS = {
     "train-flow": train_flow_cmd.train_flow,
     "sample": sample_cmd.sample,
+    "recaption": recaption_cmd.recaption,
 }
 SUBAPPS = {
     "eval": eval_cmd.app,

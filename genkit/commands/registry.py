@@ -43,6 +43,12 @@ def _decode(path):
     return cfg
 
 
+def _distill(path):
+    from genkit.distill.train import DistillRecipe
+
+    return C.load(DistillRecipe, path)
+
+
 # recipes/<folder> -> loader(path) that raises ConfigError on a bad recipe
 RECIPE_CONFIGS = {
     "train-dllm": _train_dllm,
@@ -51,4 +57,5 @@ RECIPE_CONFIGS = {
     "mixtures": _mixture,
     "train-diffusion": _diffusion,
     "recaption": _recaption,
+    "distill": _distill,
 }
