@@ -16,6 +16,7 @@ import typer
 from genkit.commands import eval as eval_cmd
 from genkit.commands import recaption as recaption_cmd
 from genkit.commands import sample as sample_cmd
+from genkit.commands import train_diffusion as train_diffusion_cmd
 from genkit.commands import train_flow as train_flow_cmd
 from genkit.errors import GenkitError
 
@@ -31,6 +32,7 @@ app = typer.Typer(
 # name -> command function (only commands that work are registered)
 COMMANDS = {
     "train-flow": train_flow_cmd.train_flow,
+    "train-diffusion": train_diffusion_cmd.train_diffusion,
     "sample": sample_cmd.sample,
     "recaption": recaption_cmd.recaption,
 }

@@ -1,27 +1,9 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from support import run_genkit
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def run_genkit(*args, env=None, timeout=600, check=True):
-    """Run ``python -m genkit ...`` in a subprocess from the repo root; returns CompletedProcess."""
-    e = dict(os.environ)
-    e.pop("GENKIT_DEBUG", None)
-    e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "genkit", *map(str, args)], cwd=REPO, env=e, capture_output=True,
-                       text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"genkit {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_genkit
+from support import REPO, run_genkit
 
 TINY = ["recipes/train-flow/tarflow-digits.yaml", "arch.width=32", "arch.num_blocks=2", "arch.layers_per_block=1",
         "train.batch_size=32", "train.warmup_steps=2", "eval.samples=0", "eval.test_bpd=false", "runtime.log_every=1"]

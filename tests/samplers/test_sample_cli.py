@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_genkit
+from support import run_genkit
 
 
 def test_mixture_sampling_writes_outputs(tmp_path):
