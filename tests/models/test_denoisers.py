@@ -138,7 +138,7 @@ def test_load_denoiser_rejects_wrong_paths(tmp_path):
     with pytest.raises(ConfigError, match="not a Gaussian-mixture model file"):
         load_denoiser(other)
     (tmp_path / "folder").mkdir()
-    with pytest.raises(ConfigError, match="not a diffusers"):
+    with pytest.raises(ConfigError, match="neither a genkit diffusion teacher .* nor a diffusers"):
         load_denoiser(tmp_path / "folder")
     txt = tmp_path / "weights.bin"
     txt.write_bytes(b"\0")
