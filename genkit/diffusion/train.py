@@ -30,6 +30,7 @@ from genkit.errors import ConfigError
 from genkit.models.denoisers import EDMPrecond
 from genkit.runtime import EMA, Runtime, RuntimeConfig
 from genkit.runtime.checkpoint import save_model_folder
+from genkit.runtime.loop import batch_problems, warmup_cosine_lr
 
 
 @dataclass
@@ -101,9 +102,7 @@ class DiffusionRecipe:
 
     def validate(self) -> list[str]:
         p = []
-        if self.train.batch_size % self.runtime.grad_accum:
-            p.append(f"train.batch_size: {self.train.batch_size} is not divisible by runtime.grad_accum "
-                     f"{self.runtime.grad_accum}")
+        p += batch_problems(self.train.batch_size, self.runtime.grad_accum)
         if not self.arch.channel_mult:
             p.append("arch.channel_mult: give at least one multiplier")
         if self.eval.sigma_min >= self.eval.sigma_max:
@@ -128,10 +127,7 @@ def build_unet(cfg: DiffusionRecipe, shape: tuple[int, int, int], num_classes: i
 
 def lr_at(step: int, t: DiffusionTrainConfig) -> float:
     """Linear warm-up then cosine decay from ``lr`` to ``min_lr``."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+    return warmup_cosine_lr(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, steps=t.steps)
 
 
 def ema_decay_at(step: int, t: DiffusionTrainConfig) -> float:

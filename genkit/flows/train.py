@@ -24,6 +24,7 @@ from genkit.errors import ConfigError
 from genkit.eval.bpd import bits_per_dim, dequantize
 from genkit.runtime import EMA, Runtime, RuntimeConfig, atomic_write_json
 from genkit.runtime.checkpoint import save_model_folder
+from genkit.runtime.loop import batch_problems, warmup_cosine_lr
 
 
 @dataclass
@@ -87,9 +88,7 @@ class FlowRecipe:
 
     def validate(self) -> list[str]:
         p = []
-        if self.train.batch_size % self.runtime.grad_accum:
-            p.append(f"train.batch_size: {self.train.batch_size} is not divisible by runtime.grad_accum "
-                     f"{self.runtime.grad_accum}")
+        p += batch_problems(self.train.batch_size, self.runtime.grad_accum)
         return p
 
 
@@ -111,10 +110,7 @@ def build_flow(cfg: FlowRecipe, shape: tuple[int, int, int], num_classes: int):
 
 def lr_at(step: int, t: FlowTrainConfig) -> float:
     """Linear warm-up then cosine decay from ``lr`` to ``min_lr``."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+    return warmup_cosine_lr(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, steps=t.steps)
 
 
 def make_inputs(data: ImageData, idx: torch.Tensor, cfg: FlowRecipe, seed: int, step: int):
