@@ -88,9 +88,10 @@ def main():
     ap.add_argument("--cond-teacher", type=Path, help="class-conditional EDM digits run (default: train one)")
     ap.add_argument("--flow", type=Path, help="class-conditional TarFlow digits run (default: train one)")
     ap.add_argument("--n", type=int, default=1000, help="samples per setting")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=RESULTS / "samplers.json")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     res: dict = {"n": args.n, "metric": "fd-digits: Frechet distance on the shipped digits classifier's features "
                                         "(not Inception FID)"}
 
