@@ -13,10 +13,13 @@ import sys
 import click
 import typer
 
+from genkit.commands import decode as decode_cmd
+from genkit.commands import distill as distill_cmd
 from genkit.commands import eval as eval_cmd
 from genkit.commands import recaption as recaption_cmd
 from genkit.commands import sample as sample_cmd
 from genkit.commands import train_diffusion as train_diffusion_cmd
+from genkit.commands import train_dllm as train_dllm_cmd
 from genkit.commands import train_flow as train_flow_cmd
 from genkit.errors import GenkitError
 
@@ -33,7 +36,10 @@ app = typer.Typer(
 COMMANDS = {
     "train-flow": train_flow_cmd.train_flow,
     "train-diffusion": train_diffusion_cmd.train_diffusion,
+    "train-dllm": train_dllm_cmd.train_dllm,
+    "distill": distill_cmd.distill,
     "sample": sample_cmd.sample,
+    "decode": decode_cmd.decode,
     "recaption": recaption_cmd.recaption,
 }
 SUBAPPS = {

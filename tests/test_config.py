@@ -1,5 +1,6 @@
 """Recipes: overrides, validation that lists every problem, dry-run, and every shipped recipe loads."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -90,4 +91,10 @@ def test_every_shipped_recipe_loads():
         _recipe_command(path)
         folder = path.parent.name
         assert folder in RECIPE_CONFIGS, f"{path}: no config validates recipes/{folder}/"
-        RECIPE_CONFIGS[folder](path)
+        try:
+            RECIPE_CONFIGS[folder](path)
+        except ConfigError as e:
+            # a recipe may name the run folder another recipe produces (a distillation teacher, say);
+            # that folder cannot exist in a fresh clone, every other problem is a defect
+            real = [p for p in e.problems if not re.search(r"'runs/[^']+' does not exist", p)]
+            assert not real, f"{path}: {real}"

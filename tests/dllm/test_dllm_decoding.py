@@ -26,8 +26,8 @@ GREEDY = [
 
 
 def test_registry_and_unknown_name():
-    assert set(DECODERS) == {"llada", "fast-dllm", "wino", "wino-cache", "origin", "maskgit_plus", "topk_margin",
-                             "entropy"}
+    assert set(DECODERS) == {"llada", "fast-dllm", "wino", "wino-cache", "wino-plus", "origin", "maskgit_plus",
+                             "topk_margin", "entropy"}
     with pytest.raises(ConfigError, match="choose one of: llada, fast-dllm"):
         get_decoder("beam")
 

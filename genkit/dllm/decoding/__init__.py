@@ -12,12 +12,14 @@ from .dream import decode_entropy, decode_maskgit_plus, decode_origin, decode_to
 from .fast_dllm import decode_fast_dllm
 from .llada import decode_llada
 from .wino import decode_wino, decode_wino_cache, wino_layout
+from .wino_plus import decode_wino_plus
 
 DECODERS = {
     "llada": decode_llada,
     "fast-dllm": decode_fast_dllm,
     "wino": decode_wino,
     "wino-cache": decode_wino_cache,
+    "wino-plus": decode_wino_plus,  # genkit, not the official algorithm (see wino_plus.py)
     "origin": decode_origin,
     "maskgit_plus": decode_maskgit_plus,
     "topk_margin": decode_topk_margin,
@@ -35,6 +37,6 @@ def get_decoder(name: str):
 
 __all__ = [
     "DECODERS", "DecodeResult", "add_gumbel_noise", "get_decoder", "get_num_transfer_tokens", "sample_tokens",
-    "wino_layout", "decode_llada", "decode_fast_dllm", "decode_wino", "decode_wino_cache", "decode_origin",
+    "wino_layout", "decode_llada", "decode_fast_dllm", "decode_wino", "decode_wino_cache", "decode_wino_plus", "decode_origin",
     "decode_maskgit_plus", "decode_topk_margin", "decode_entropy",
 ]

@@ -1,0 +1,155 @@
+"""Reading and writing what `train-dllm` and `decode` exchange: JSONL rows, model folders, the SFT layout.
+
+A model folder is `config.json` + `model.safetensors` (LLaDA format, loadable by `LLaDAModel.from_pretrained`
+and by the official LLaDA code), a tokenizer (genkit's `tokenizer.json`, or Hugging Face tokenizer files)
+and, for models trained by genkit, `genkit.json` (the task, gen_length, prompt format) that `genkit decode`
+uses as defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from genkit.errors import ConfigError
+
+INFO_FILE = "genkit.json"
+
+
+# ------------------------------------------------------------------------------------------- JSONL
+def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
+    """Rows of a JSONL file, each with `_line` (1-based line number).
+
+    strict: a bad line (blank, malformed JSON, not an object) is a ConfigError naming it; otherwise it
+    becomes `{"_error": ..., "_line": n}` so that a results file keeps one record per input line. Blank
+    lines at the end of the file are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data file '{path}' does not exist")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        text, err = line.strip(), None
+        row = None
+        if not text:
+            err = "empty line"
+        else:
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                err = f"malformed JSON ({e.msg} at column {e.colno})"
+            else:
+                if not isinstance(row, dict):
+                    err = f"expected a JSON object, got {type(row).__name__}"
+        if err is not None:
+            if strict:
+                raise ConfigError(f"{path}:{n}: {err}")
+            rows.append({"_error": err, "_line": n})
+            continue
+        row["_line"] = n
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> Path:
+    from genkit.runtime import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ------------------------------------------------------------------------------------------- model folders
+def resolve_model_folder(path: str | os.PathLike) -> Path:
+    """A model folder from a run folder (`run/model`), a checkpoint folder (`ckpt/model`) or the folder itself."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"model folder '{path}' does not exist")
+    for cand in (path, path / "model"):
+        if (cand / "config.json").is_file():
+            return cand
+    from genkit.runtime import find_latest_checkpoint
+
+    ckpt = find_latest_checkpoint(path)
+    if ckpt is not None and (ckpt / "model" / "config.json").is_file():
+        return ckpt / "model"
+    raise ConfigError(f"'{path}' holds no config.json: pass a model folder (config.json + model.safetensors), "
+                      "a genkit run folder or a checkpoint folder")
+
+
+def load_dllm(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, dtype=None,
+              device: str | torch.device = "cpu"):
+    """(model, tokenizer or None, info dict) from a model/run/checkpoint folder.
+
+    Refuses, with one line, folders that are not a LLaDA-style masked LM or have no mask id.
+    `tokenizer` overrides where the tokenizer is read from (default: the model folder, then the run folder).
+    """
+    from .model import LLaDAModel
+    from .tokenizer import load_tokenizer
+
+    folder = resolve_model_folder(path)
+    model = LLaDAModel.from_pretrained(folder, dtype=dtype, device=device)
+    mask_id = model.config.mask_token_id
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer, mask_id)
+        if tok is None:
+            raise ConfigError(f"no tokenizer found at '{tokenizer}' (genkit tokenizer.json or Hugging Face files)")
+    else:
+        tok = None
+        # the model folder, else up to the run folder of a checkpoint (run/checkpoints/step-N/model)
+        for cand in [folder, *list(folder.parents)[:3]]:
+            tok = load_tokenizer(cand, mask_id)
+            if tok is not None:
+                break
+    if tok is not None and tok.mask_id != mask_id:
+        raise ConfigError(f"the tokenizer's mask id {tok.mask_id} differs from the model's mask_token_id {mask_id}")
+    if tok is not None and tok.vocab_size > model.config.embedding_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
+                          f"{model.config.embedding_size} embeddings: they do not belong together")
+    info = {}
+    if (folder / INFO_FILE).is_file():
+        info = json.loads((folder / INFO_FILE).read_text())
+    info["folder"] = str(folder)
+    return model, tok, info
+
+
+# ------------------------------------------------------------------------------------------- SFT layout
+def encode_prompt(tok, text: str, *, chat: bool = False) -> list[int]:
+    """Prompt ids: BOS + characters for genkit's char tokenizer, the chat template (optional) for HF ones."""
+    if chat:
+        text = tok.chat(text)
+    return tok.encode(text, bos=True)
+
+
+def sft_tensors(tok, rows: list[dict], gen_length: int, *, chat: bool = False):
+    """Tokenize {prompt, answer} rows for LLaDA SFT.
+
+    Each row is its prompt followed by the answer padded with EOS to `gen_length` tokens (LLaDA's SFT pads
+    with EOS and trains on them, so the model learns where an answer ends). Rows are left-padded to the
+    longest prompt, as the decoders lay out a batch. Returns ids (N, P + gen_length) int64, pad (N,) int64 =
+    padding slots per row, and the prompt length P.
+    """
+    prompts, answers, problems = [], [], []
+    for i, r in enumerate(rows):
+        p = encode_prompt(tok, str(r["prompt"]), chat=chat)
+        a = tok.encode(str(r["answer"]))
+        if len(a) > gen_length:
+            problems.append(f"row {r.get('id', i)}: answer has {len(a)} tokens, more than gen_length={gen_length}")
+            if len(problems) > 3:
+                break
+        prompts.append(p)
+        answers.append(a)
+    if problems:
+        raise ConfigError(problems)
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(rows), P + gen_length), tok.eos_id, dtype=torch.long)
+    pad = torch.zeros(len(rows), dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, P - len(p):P] = torch.tensor(p)
+        ids[i, P:P + len(a)] = torch.tensor(a, dtype=torch.long)
+        pad[i] = P - len(p)
+    return ids, pad, P
