@@ -89,13 +89,29 @@ def main():
     ap.add_argument("--flow", type=Path, help="class-conditional TarFlow digits run (default: train one)")
     ap.add_argument("--n", type=int, default=1000, help="samples per setting")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--parts", default="samplers,cfg,tarflow",
+                    help="comma-separated parts to run; results of other parts already in --out are kept")
     ap.add_argument("--out", type=Path, default=RESULTS / "samplers.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res: dict = {"n": args.n, "metric": "fd-digits: Frechet distance on the shipped digits classifier's features "
-                                        "(not Inception FID)"}
+    parts = set(args.parts.split(","))
+    res: dict = json.loads(args.out.read_text()) if args.out.is_file() and parts != {"samplers", "cfg", "tarflow"} \
+        else {}
+    res.update({"n": args.n, "metric": "fd-digits: Frechet distance on the shipped digits classifier's features "
+                                        "(not Inception FID)"})
 
-    # 1. every sampler vs NFE on the unconditional teacher
+    if "samplers" in parts:
+        part_samplers(args, res)
+    if "cfg" in parts:
+        part_cfg(args, res)
+    if "tarflow" in parts:
+        part_tarflow(args, res)
+    atomic_write_json(args.out, res)
+    print(json.dumps({k: v for k, v in res.items() if k != "samplers"}, indent=1))
+
+
+def part_samplers(args, res):
+    """1. every sampler vs NFE on the unconditional teacher."""
     teacher = load_denoiser(ensure_run(args.teacher, "train-diffusion", "recipes/train-diffusion/edm-digits.yaml",
                                        "edm-digits"))
     rows = []
@@ -116,7 +132,10 @@ def main():
     plot(rows, args.out.with_suffix(".png"))
     atomic_write_json(args.out, res)
 
-    # 2. classifier-free guidance on the conditional teacher: class accuracy vs w
+
+
+def part_cfg(args, res):
+    """2. classifier-free guidance on the conditional teacher: class accuracy vs w."""
     cond = load_denoiser(ensure_run(args.cond_teacher, "train-diffusion",
                                     "recipes/train-diffusion/edm-digits-cond.yaml", "edm-digits-cond"))
     cfg_rows = []
@@ -128,7 +147,11 @@ def main():
     res["edm_cfg"] = cfg_rows
     atomic_write_json(args.out, res)
 
-    # 3. TarFlow classifier-free guidance: class accuracy vs w
+    res["edm_acc_rises_with_w"] = all(a["acc"] <= b["acc"] for a, b in zip(cfg_rows, cfg_rows[1:]))
+
+
+def part_tarflow(args, res):
+    """3. TarFlow classifier-free guidance: class accuracy vs w."""
     from genkit.flows.io import load_flow
     from genkit.flows.train import sample_flow
 
@@ -145,9 +168,7 @@ def main():
         print(f"tarflow guidance {w}: acc {m['acc-digits']:.4f} fd-digits {m['fd-digits']:.3f}", flush=True)
     res["tarflow_guidance"] = flow_rows
     res["tarflow_acc_rises_with_w"] = all(a["acc"] < b["acc"] for a, b in zip(flow_rows, flow_rows[1:]))
-    res["edm_acc_rises_with_w"] = all(a["acc"] <= b["acc"] for a, b in zip(cfg_rows, cfg_rows[1:]))
     atomic_write_json(args.out, res)
-    print(json.dumps({k: v for k, v in res.items() if k != "samplers"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -41,8 +41,21 @@ def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, c.T @ c / max(1, f.shape[0] - 1)
 
 
+def _eigh(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition; torch's CPU driver can fail (LAPACK error 126) on matrices with many
+    repeated eigenvalues (e.g. dead ReLU features), so fall back to NumPy's driver, which does not."""
+    s = 0.5 * (s + s.T)
+    try:
+        return torch.linalg.eigh(s)
+    except torch.linalg.LinAlgError:
+        import numpy as np
+
+        w, v = np.linalg.eigh(s.cpu().numpy())
+        return torch.from_numpy(w).to(s), torch.from_numpy(v).to(s)
+
+
 def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(0.5 * (s + s.T))
+    w, v = _eigh(s)
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
 
@@ -52,7 +65,7 @@ def gaussian_frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1, s2 = torch.as_tensor(sigma1, dtype=torch.float64), torch.as_tensor(sigma2, dtype=torch.float64)
     r1 = _sqrt_psd(s1)
     m = r1 @ s2 @ r1  # S1^1/2 S2 S1^1/2, symmetric PSD with the eigenvalues of S1 S2
-    tr_covmean = torch.linalg.eigvalsh(0.5 * (m + m.T)).clamp_min(0).sqrt().sum()
+    tr_covmean = _eigh(m)[0].clamp_min(0).sqrt().sum()
     fd = (mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_covmean
     return float(fd.clamp_min(0))
 
