@@ -198,9 +198,11 @@ def aggregate(runs: list[dict]) -> dict:
                 sd = math.sqrt(sum((a - mu) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
                 out.setdefault(task, {}).setdefault(fam, []).append({
                     "knob": rs[0]["knob"], "value": v, "accuracy": mu, "accuracy_sd": sd, "seeds": len(rs),
-                    "mean_nfe": mean([r["mean_nfe"] for r in rs]), "wall_seconds": mean([r["wall_seconds"] for r in rs]),
+                    "mean_nfe": mean([r["mean_nfe"] for r in rs]),
+                    "wall_seconds": mean([r["wall_seconds"] for r in rs]),
                     "mean_remasked": mean([r["mean_remasked"] for r in rs]),
-                    **{k: mean([r.get(k) for r in rs]) for k in ("mean_puzzles_valid", "mean_digits_correct", "mean_score")
+                    **{k: mean([r.get(k) for r in rs])
+                       for k in ("mean_puzzles_valid", "mean_digits_correct", "mean_score")
                        if any(k in r for r in rs)}})
     return out
 
@@ -232,7 +234,8 @@ def claims(agg: dict) -> dict:
     w, d = by_value("sudoku-pack", "wino"), by_value("sudoku-pack", "draft-only")
     diffs = {t: w[t]["accuracy"] - d[t]["accuracy"] for t in w if t in d}
     out["verification_pays_sudoku_pack"] = {
-        "per_tau1_points": diffs, "wino": {t: w[t]["accuracy"] for t in w}, "draft_only": {t: d[t]["accuracy"] for t in d},
+        "per_tau1_points": diffs, "wino": {t: w[t]["accuracy"] for t in w},
+        "draft_only": {t: d[t]["accuracy"] for t in d},
         "met": bool(diffs) and all(v > 0 for v in diffs.values()),
         "met_any_tau1": any(v > 0 for v in diffs.values())}
     # 2. WINO within 1 point of 1-token-per-step llada at <= 1/3 of its passes, on the long-answer tasks
@@ -246,7 +249,8 @@ def claims(agg: dict) -> dict:
                     "met": p["accuracy"] >= base["accuracy"] - 1 and p["mean_nfe"] <= base["mean_nfe"] / 3}
                 for t, p in by_value(task, "wino").items()}
         c2[task] = {"baseline_accuracy": base["accuracy"], "baseline_nfe": base["mean_nfe"], "wino": rows,
-                    "met_default_tau1_0.6": rows.get(0.6, {}).get("met"), "met_any_tau1": any(r["met"] for r in rows.values())}
+                    "met_default_tau1_0.6": rows.get(0.6, {}).get("met"),
+                    "met_any_tau1": any(r["met"] for r in rows.values())}
     out["wino_matches_one_token_per_step_at_a_third_of_passes"] = c2
     # 3. WINO (and wino-plus) against the threshold-only frontier at equal NFE
     c3 = {}

@@ -348,6 +348,7 @@ def distill(cfg: DistillRecipe, out: str | Path, *, quiet: bool = False) -> dict
     teacher = setup.teacher.to(rt.device)
     meta = rt.resume(gen_p, opt_g, ema=ema)  # restores G, f_psi and both optimisers (Accelerate state)
     start = meta["step"] if meta else 0
+    prior_seconds = float(meta.get("train_seconds", 0.0)) if meta else 0.0  # training time of earlier sessions
     g_eval = copy.deepcopy(gen_u).eval().requires_grad_(False)  # holds the EMA weights for evaluation
     ref_masses = None
     if setup.mixture is not None:
@@ -484,14 +485,17 @@ def distill(cfg: DistillRecipe, out: str | Path, *, quiet: bool = False) -> dict
                     rt.log(done, event="eval", **evaluate())
                 rt.wait()
             if cfg.runtime.checkpoint_every and done % cfg.runtime.checkpoint_every == 0 and done < t.steps:
-                rt.save_checkpoint(done, gen_p, opt_g, config=gen_config, ema=ema)
-    rt.save_checkpoint(t.steps, gen_p, opt_g, config=gen_config, ema=ema)
-    train_seconds = time.time() - t0
+                rt.save_checkpoint(done, gen_p, opt_g, config=gen_config, ema=ema,
+                                   meta={"train_seconds": prior_seconds + time.time() - t0})
+    session = time.time() - t0
+    train_seconds = prior_seconds + session
+    rt.save_checkpoint(t.steps, gen_p, opt_g, config=gen_config, ema=ema, meta={"train_seconds": train_seconds})
 
     metrics = {"method": cfg.method, "teacher": str(cfg.teacher), "kind": setup.kind, "cond": cond.kind,
                "steps": t.steps, "batch_size": B, "generator_params": sum(p.numel() for p in gen_u.parameters()),
-               "train_seconds": round(train_seconds, 2),
-               "seconds_per_iteration": round(train_seconds / max(1, t.steps - start), 4)}
+               "train_seconds": round(train_seconds, 2),  # all sessions of a resumed run
+               "seconds_per_iteration": round(session / (t.steps - start) if t.steps > start
+                                              else train_seconds / t.steps, 4)}
     if cond.routing_accuracy is not None:
         metrics["text_routing_accuracy"] = cond.routing_accuracy
     metrics.update({f"final_{k}": v for k, v in last.items() if not isinstance(v, bool)})

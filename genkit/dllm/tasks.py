@@ -264,7 +264,8 @@ def _reasoning_gym(name):
         except (TypeError, ValueError, KeyError, AssertionError) as e:
             raise ConfigError(f"reasoning-gym {name}: {e}") from None
         train = [{"id": f"train-{i}", "task": f"rg:{name}", "prompt": e["question"], "answer": str(e["answer"]),
-                  "meta": {"rg": name, "config": _jsonable(cfg), "entry": _jsonable(e)}} for i, e in enumerate(train_ds)]
+                  "meta": {"rg": name, "config": _jsonable(cfg), "entry": _jsonable(e)}}
+                 for i, e in enumerate(train_ds)]
         seen = {r["prompt"] for r in train}
         test = []
         for e in test_ds:

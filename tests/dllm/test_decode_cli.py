@@ -207,7 +207,8 @@ def test_hf_tokenizer_chat_template_and_gsm8k_jsonl(tmp_path, capsys):
                    "grader=gsm8k", "--out", out, "-q")
     assert rc == 0
     rec = lines(out / "results.jsonl")[0]
-    assert rec["prompt"] == "how many apples" and rec["prompt_tokens"] == 6  # <s> <|user|> how many apples <|assistant|>
+    # <s> <|user|> how many apples <|assistant|>
+    assert rec["prompt"] == "how many apples" and rec["prompt_tokens"] == 6
     assert isinstance(rec["output"], str) and rec["correct"] in (True, False) and "extracted" in rec
     rc, _, _ = cli(capsys, "decode", "--model", folder, "--data", data, "algo=llada", "gen_length=8", "steps=8",
                    "chat=false", "--out", tmp_path / "plain", "-q")

@@ -37,6 +37,6 @@ def get_decoder(name: str):
 
 __all__ = [
     "DECODERS", "DecodeResult", "add_gumbel_noise", "get_decoder", "get_num_transfer_tokens", "sample_tokens",
-    "wino_layout", "decode_llada", "decode_fast_dllm", "decode_wino", "decode_wino_cache", "decode_wino_plus", "decode_origin",
-    "decode_maskgit_plus", "decode_topk_margin", "decode_entropy",
+    "wino_layout", "decode_llada", "decode_fast_dllm", "decode_wino", "decode_wino_cache", "decode_wino_plus",
+    "decode_origin", "decode_maskgit_plus", "decode_topk_margin", "decode_entropy",
 ]
