@@ -35,7 +35,7 @@ from genkit.data.batches import batch_indices, step_generator  # noqa: E402
 from genkit.data.grid import save_grid  # noqa: E402
 from genkit.data.images import load_images  # noqa: E402
 from genkit.eval.bpd import bits_per_dim, dequantize  # noqa: E402
-from genkit.flows.train import FlowRecipe, flow_log_prob, sample_flow, train_flow  # noqa: E402
+from genkit.flows.train import FlowRecipe, sample_flow, train_flow  # noqa: E402
 from genkit.runtime import atomic_write_json  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"

@@ -3,8 +3,11 @@
     python benchmarks/samplers.py                       # trains the teachers it lacks (about 30 min on 2 cores)
     python benchmarks/samplers.py --teacher RUN --cond-teacher RUN --flow RUN   # reuse trained runs
 
-The exact-mixture half of the samplers issue is `benchmarks/samplers_mixtures.py` (exact metrics need no
-training).  This script measures, beside each other in the same run:
+This script measures, beside each other in the same run:
+
+0. every sampler (and TADA's k/N sweep) on the three exact Gaussian mixtures at NFE in {3, ..., 35}
+   (`benchmarks/samplers_mixtures.py`, also runnable alone), with the verdict on the target "TADA beats
+   DPM-Solver++(2M) and Heun at every NFE <= 10" cell by cell;
 
 1. fd-digits of every sampler (euler, heun, dpmpp-2m, tada) at NFE in {3, 5, 7, 10, 15, 20, 35} on the
    unconditional EDM digits teacher (``genkit train-diffusion recipes/train-diffusion/edm-digits.yaml``);
@@ -12,7 +15,7 @@ training).  This script measures, beside each other in the same run:
 2. class accuracy (shipped digits classifier) of the conditional teacher's samples at CFG w in {0, 1, 2, 4};
 3. class accuracy of a class-conditional TarFlow's samples at guidance w in {0, 1, 2}.
 
-Writes benchmarks/results/samplers.json and samplers.png (fd-digits vs NFE).
+Writes benchmarks/results/samplers.json, samplers.png (fd-digits vs NFE) and samplers_mixtures.png.
 """
 
 from __future__ import annotations
@@ -89,17 +92,20 @@ def main():
     ap.add_argument("--flow", type=Path, help="class-conditional TarFlow digits run (default: train one)")
     ap.add_argument("--n", type=int, default=1000, help="samples per setting")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--parts", default="samplers,cfg,tarflow",
+    ap.add_argument("--mixture-n", type=int, default=5000, help="samples per mixture run")
+    ap.add_argument("--parts", default="mixtures,samplers,cfg,tarflow",
                     help="comma-separated parts to run; results of other parts already in --out are kept")
     ap.add_argument("--out", type=Path, default=RESULTS / "samplers.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    res: dict = json.loads(args.out.read_text()) if args.out.is_file() and parts != {"samplers", "cfg", "tarflow"} \
+    res: dict = json.loads(args.out.read_text()) if args.out.is_file() and parts != set(ALL_PARTS) \
         else {}
     res.update({"n": args.n, "metric": "fd-digits: Frechet distance on the shipped digits classifier's features "
                                         "(not Inception FID)"})
 
+    if "mixtures" in parts:
+        part_mixtures(args, res)
     if "samplers" in parts:
         part_samplers(args, res)
     if "cfg" in parts:
@@ -107,7 +113,22 @@ def main():
     if "tarflow" in parts:
         part_tarflow(args, res)
     atomic_write_json(args.out, res)
-    print(json.dumps({k: v for k, v in res.items() if k != "samplers"}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("samplers", "mixtures")}, indent=1))
+
+
+ALL_PARTS = ("mixtures", "samplers", "cfg", "tarflow")
+
+
+def part_mixtures(args, res):
+    """0. exact mixtures: every sampler and the TADA sweep vs NFE, and the verdict on the TADA target."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import samplers_mixtures
+
+    payload = samplers_mixtures.run(args.mixture_n, 0, samplers_mixtures.NFES)
+    samplers_mixtures.plot(payload, args.out.with_name("samplers_mixtures.png"))
+    res["mixtures"] = payload
+    res["mixtures_verdict"] = payload["verdict"]
+    atomic_write_json(args.out, res)
 
 
 def part_samplers(args, res):

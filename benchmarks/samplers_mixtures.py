@@ -50,28 +50,35 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1000 samples, NFE 5 and 10 only")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "samplers_mixtures.json")
     args = ap.parse_args()
-    nfes = [5, 10] if args.quick else NFES
-    n = 1000 if args.quick else args.n
     torch.set_num_threads(1)
+    payload = run(1000 if args.quick else args.n, args.seed, [5, 10] if args.quick else NFES)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1))
+    plot(payload, args.out.with_suffix(".png"))
+    print(json.dumps(payload["verdict"], indent=1))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
+
+def run(n: int, seed: int, nfes: list[int]) -> dict:
+    """Every variant on every mixture at every NFE; the payload (config, noise floors, rows, verdict)."""
     results, floors = [], {}
     t_start = time.time()
     for mix_name in MIXTURES:
         gm = load_denoiser(REPO / "recipes" / "mixtures" / f"{mix_name}.yaml")
-        g = torch.Generator().manual_seed(args.seed + 100)
+        g = torch.Generator().manual_seed(seed + 100)
         ref = gm.sample(20_000, generator=g)
-        masses = reference_mode_masses(gm, 200_000, seed=args.seed + 200)
+        masses = reference_mode_masses(gm, 200_000, seed=seed + 200)
         exact = gm.sample(n, generator=g)
         floors[mix_name] = {"sliced_w2": sliced_w2(exact, ref), "mode_tv": mode_tv(gm, exact, masses),
                             "log_density": mean_log_density(gm, ref)}
-        noise = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+        noise = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         for label, name, knobs in variants():
             for nfe in nfes:
                 if nfe < MIN_NFE[name]:
                     continue
                 sigmas = sigmas_for_nfe(name, nfe)
                 counter = NFECounter(gm)
-                extra = {"generator": torch.Generator().manual_seed(args.seed + 1)} if name == "tada" else {}
+                extra = {"generator": torch.Generator().manual_seed(seed + 1)} if name == "tada" else {}
                 t0 = time.time()
                 out = SAMPLERS[name](counter, noise * sigmas[0], sigmas, **knobs, **extra)
                 row = {"mixture": mix_name, "sampler": label, "name": name, "knobs": knobs,
@@ -81,15 +88,42 @@ def main():
                 results.append(row)
                 print(f"{mix_name:7s} {label:28s} nfe={row['nfe']:2d}  sw2={row['sliced_w2']:.4f}  "
                       f"tv={row['mode_tv']:.4f}  logp={row['log_density']:9.3f}", flush=True)
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"config": {"nfes": nfes, "n_samples": n, "seed": args.seed, "schedule": "karras rho=7 0.002..80",
+    payload = {"config": {"nfes": nfes, "n_samples": n, "seed": seed, "schedule": "karras rho=7 0.002..80",
                           "n_ref": 20_000, "n_proj": 128, "torch": torch.__version__,
                           "python": platform.python_version(), "seconds": round(time.time() - t_start, 1)},
                "floors": floors, "results": results}
-    args.out.write_text(json.dumps(payload, indent=1))
-    plot(payload, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    payload["verdict"] = verdict(payload)
+    return payload
+
+
+def verdict(payload: dict, max_nfe: int = 10) -> dict:
+    """The issue's target, checked cell by cell: does TADA beat dpmpp-2m and heun at every NFE <= max_nfe?
+
+    For each mixture, NFE and metric (sliced W2 and mode TV: lower is better) it compares the default TADA
+    (N=2, k=1) and the best TADA of the k/N sweep against the better of dpmpp-2m and heun at the same
+    requested NFE (Heun runs one fewer evaluation at an even request). Lists the cells where TADA loses.
+    """
+    rows = payload["results"]
+    sweep = [v[0] for v in variants() if v[1] == "tada" and "N=1" not in v[0] and "lambda" not in v[0]]
+    out = {"rule": f"TADA < min(dpmpp-2m, heun) at the same requested NFE <= {max_nfe}", "cells": 0,
+           "default_tada": "tada N=2 k=1", "losses_default": [], "losses_best_of_sweep": []}
+    for mix in MIXTURES:
+        for nfe in sorted({r["nfe_requested"] for r in rows if r["nfe_requested"] <= max_nfe}):
+            cell = {r["sampler"]: r for r in rows if r["mixture"] == mix and r["nfe_requested"] == nfe}
+            base = [cell[b] for b in ("dpmpp-2m", "heun") if b in cell]
+            if not base or "tada N=2 k=1" not in cell:
+                continue
+            for metric in ("sliced_w2", "mode_tv"):
+                out["cells"] += 1
+                ref = min(base, key=lambda r: r[metric])
+                best = min((cell[s] for s in sweep if s in cell), key=lambda r: r[metric])
+                for key, t in (("losses_default", cell["tada N=2 k=1"]), ("losses_best_of_sweep", best)):
+                    if t[metric] >= ref[metric]:
+                        out[key].append({"mixture": mix, "nfe": nfe, "metric": metric, "tada": t["sampler"],
+                                         "tada_value": t[metric], "winner": ref["sampler"],
+                                         "winner_value": ref[metric]})
+    out["target_met"] = not out["losses_best_of_sweep"]
+    return out
 
 
 def plot(payload, path):

@@ -11,7 +11,6 @@ built-in sources, scores both with the shipped classifier's Frechet distance (``
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

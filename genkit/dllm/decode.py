@@ -29,6 +29,8 @@ from genkit.errors import ConfigError
 from .decoding import DECODERS, get_decoder
 from .tasks import GRADERS, grade_row
 
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # decoder keyword arguments that `genkit decode` may set (None = the decoder's default)
 KNOBS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale", "tau", "cache", "tau1",
          "tau2", "final_checks", "alg_temp", "top_p", "top_k", "eps", "mask_id")
@@ -69,6 +71,7 @@ class DecodeConfig:
                         "number), gsm8k-strict, gsm8k-flexible (lm-eval regexes)")
     limit: int = field(0, help="decode only the first N lines (0 = all)", min=0)
     device: str = field("auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    dtype: str = field("auto", help="weights dtype: auto (as stored in the checkpoint), float32, bfloat16, float16")
     threads: int = field(0, help="torch CPU threads (0 = torch's default; 1 is fastest on a busy machine)", min=0)
 
     def validate(self) -> list[str]:
@@ -77,6 +80,8 @@ class DecodeConfig:
             p.append(f"algo: unknown decoder {self.algo!r}; choose one of: {', '.join(DECODERS)}")
         if self.grader not in GRADERS:
             p.append(f"grader: {self.grader!r} is not one of {', '.join(GRADERS)}")
+        if self.dtype not in DTYPES:
+            p.append(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.shots and not self.fewshot_file:
             p.append("fewshot_file: shots > 0 needs a JSONL of examples")
         return p
@@ -304,7 +309,7 @@ def run_decode(model_path: str | os.PathLike, data: str | os.PathLike, cfg: Deco
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    model, tok, info = load_dllm(model_path, tokenizer=tokenizer, device=device)
+    model, tok, info = load_dllm(model_path, tokenizer=tokenizer, device=device, dtype=DTYPES[cfg.dtype])
     knobs = resolve_knobs(cfg, info)
     rows = read_jsonl(data, strict=False)
     if cfg.limit:

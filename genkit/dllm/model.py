@@ -90,14 +90,20 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "LLaDAConfig":
-        """Read a LLaDA `config.json` dict; refuse architectures this implementation does not compute."""
+        """Read a LLaDA `config.json` dict; refuse architectures this implementation does not compute.
+
+        MMaDA checkpoints (model_type 'mmada', `MMadaModelLM`) are read too: the official MMaDA class
+        subclasses LLaDA's `LLaDAModelLM` without changing the network (same parameter names, same
+        mask id 126336); its extra keys (llm_vocab_size, codebook_size, num_vq_tokens, ...) describe the
+        image-token part of the enlarged vocabulary and do not change the forward pass.
+        """
         model_type = str(raw.get("model_type", "")).lower()
         archs = raw.get("architectures") or []
-        if model_type != "llada" and "LLaDAModelLM" not in archs:
+        if model_type not in ("llada", "mmada") and not {"LLaDAModelLM", "MMadaModelLM"} & set(archs):
             kind = raw.get("model_type") or (archs[0] if archs else "unknown")
             raise ConfigError(
                 f"{source} describes a '{kind}' model, not a LLaDA-style masked diffusion LM "
-                "(model_type 'llada'); pass a LLaDA checkpoint folder or one saved by genkit"
+                "(model_type 'llada' or 'mmada'); pass a LLaDA/MMaDA checkpoint folder or one saved by genkit"
             )
         expected = {"block_type": "llama", "layer_norm_type": "rms", "activation_type": "silu", "rope": True,
                     "alibi": False, "attention_layer_norm": False, "block_group_size": 1}

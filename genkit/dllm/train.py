@@ -29,6 +29,7 @@ from genkit.config import field, to_dict
 from genkit.data.batches import batch_indices, step_generator
 from genkit.errors import ConfigError
 from genkit.runtime import EMA, Runtime, RuntimeConfig, atomic_write_json
+from genkit.runtime.loop import batch_problems, warmup_cosine_lr
 
 from .io import INFO_FILE, read_jsonl, sft_tensors, write_jsonl
 from .model import LLaDAConfig, LLaDAModel
@@ -106,20 +107,15 @@ class DLLMRecipe:
             p.append("data.task: set a built-in task or data.train_file (a JSONL of {prompt, answer} rows)")
         if self.data.task and self.data.train_file:
             p.append("data.train_file: give data.task or data.train_file, not both")
-        if self.train.batch_size % self.runtime.grad_accum:
-            p.append(f"train.batch_size: {self.train.batch_size} is not divisible by runtime.grad_accum "
-                     f"{self.runtime.grad_accum}")
+        p += batch_problems(self.train.batch_size, self.runtime.grad_accum)
         if self.arch.d_model % self.arch.n_heads:
             p.append(f"arch.d_model: {self.arch.d_model} is not divisible by arch.n_heads {self.arch.n_heads}")
         return p
 
 
-def lr_at(step: int, t: DLLMTrainConfig) -> float:
-    """Linear warm-up then cosine decay from `lr` to `min_lr`."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+def lr_at(step: int, t: "DLLMTrainConfig") -> float:
+    """Linear warm-up then cosine decay from `lr` to `min_lr` (genkit.runtime.loop)."""
+    return warmup_cosine_lr(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, steps=t.steps)
 
 
 class LLaDASFTLoss:

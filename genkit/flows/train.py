@@ -16,9 +16,9 @@ from typing import Literal
 
 import torch
 
-from genkit.config import field, to_dict
+from genkit.config import field
 from genkit.data.batches import batch_indices, step_generator
-from genkit.data.grid import save_grid, save_samples_npz
+from genkit.data.grid import save_grid
 from genkit.data.images import ImageData, load_images
 from genkit.errors import ConfigError
 from genkit.eval.bpd import bits_per_dim, dequantize

@@ -221,3 +221,27 @@ def test_fast_dllm_steps_without_tau_is_the_fixed_quota():
     assert "tau" not in resolve_knobs(DecodeConfig(algo="fast-dllm", gen_length=16), {})  # decoder default 0.9
     assert resolve_knobs(DecodeConfig(algo="llada"), {"gen_length": 24}) == {"gen_length": 24, "block_length": 24,
                                                                              "steps": 24}
+
+
+def test_dtype_casts_the_weights(tmp_path, tiny_folder, capsys, monkeypatch):
+    """dtype=bfloat16 loads the weights in bf16 (an 8B checkpoint on one GPU); a bad dtype is one line."""
+    import genkit.dllm.io as dio
+
+    seen = {}
+    real = dio.load_dllm
+
+    def spy(*a, **kw):
+        model, tok, info = real(*a, **kw)
+        seen["dtype"] = next(model.parameters()).dtype
+        return model, tok, info
+
+    monkeypatch.setattr(dio, "load_dllm", spy)
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"id": "a", "prompt_ids": [1, 5, 9]}) + "\n")
+    rc, _, _ = cli(capsys, "decode", "--model", tiny_folder, "--data", data, "algo=wino", "gen_length=8",
+                   "dtype=bfloat16", "--out", tmp_path / "o", "-q")
+    assert rc == 0 and seen["dtype"] == torch.bfloat16
+    rec = lines(tmp_path / "o" / "results.jsonl")[0]
+    assert "error" not in rec and len(rec["output_ids"]) == 8
+    rc, _, err = cli(capsys, "decode", "--model", tiny_folder, "--data", data, "dtype=fp8", "--out", tmp_path / "p")
+    assert rc == 2 and "dtype" in err

@@ -149,3 +149,14 @@ def test_kv_cache_reproduces_full_pass(tiny, padded):
                 past_key_values=out.past_key_values, cache_positions=torch.arange(s, e), use_cache=True)
     assert torch.allclose(mid.logits, out.logits[:, s:e], atol=1e-5)
     assert all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(mid.past_key_values, out.past_key_values))
+
+
+@torch.no_grad()
+def test_mmada_folder_loads_as_llada(tmp_path, tiny):
+    """MMaDA's MMadaModelLM subclasses LLaDAModelLM unchanged: its folder gives the same logits."""
+    model = tiny(n_layers=1)
+    cfg = {**model.config.to_dict(), "model_type": "mmada", "architectures": ["MMadaModelLM"],
+           "llm_vocab_size": model.config.vocab_size, "codebook_size": 8, "num_vq_tokens": 4}
+    folder = _write(tmp_path / "mmada", model, cfg)
+    x = ids()
+    assert torch.equal(LLaDAModel.from_pretrained(folder)(x), model(x))

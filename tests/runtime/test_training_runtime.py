@@ -3,7 +3,6 @@ non-finite loss, checkpoint atomicity and one-line errors."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +44,7 @@ def test_run_folder_contents(tmp_path):
     steps = [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 6
     # sampling and bpd evaluation from the run folder
-    s = run_genkit("sample", "--ckpt", out, "--n", "8", "--out", tmp_path / "s", "-q")
+    run_genkit("sample", "--ckpt", out, "--n", "8", "--out", tmp_path / "s", "-q")
     assert (tmp_path / "s" / "samples.png").is_file() and (tmp_path / "s" / "samples.npz").is_file()
     e = run_genkit("eval", "bpd", "--ckpt", out, "--data", "digits", "--split", "test")
     assert abs(json.loads(e.stdout)["value"] - m["test_bpd"]) < 1e-6

@@ -11,7 +11,7 @@ from genkit.errors import ConfigError
 from genkit.eval.mixture import mean_log_density, mode_tv, reference_mode_masses, sliced_w2
 from genkit.models.denoisers import EDMPrecond, GaussianMixtureDenoiser, NFECounter, load_denoiser
 from genkit.samplers import (SAMPLERS, expected_nfe, get_sampler, get_sigmas_exponential, get_sigmas_karras,
-                             sample_euler, sample_heun, sigmas_for_nfe, steps_for_nfe)
+                             sample_euler, sigmas_for_nfe, steps_for_nfe)
 
 REPO = Path(__file__).resolve().parents[2]
 
