@@ -19,3 +19,26 @@ def run_genkit(*args, env=None, timeout=600, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"genkit {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def kill_at_checkpoint(args, out: Path, step: int, timeout: float = 300) -> int:
+    """Start ``genkit *args --out out -q``, SIGKILL it as soon as checkpoint `step` is complete, and return the
+    newest complete checkpoint's step (the run must not have finished: no ``out/model``)."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("GENKIT_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "genkit", *map(str, args), "--out", str(out), "-q"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = out / "checkpoints" / f"step-{step:08d}" / "meta.json"
+    t0 = time.time()
+    while not target.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() - t0 < timeout
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists(), "killed too late: the run had finished"
+    done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    return int(done[-1].split("-")[1])

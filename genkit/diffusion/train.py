@@ -21,7 +21,7 @@ import torch
 from genkit.config import field
 from genkit.data.batches import batch_indices, step_generator
 from genkit.data.grid import save_grid, save_samples_npz
-from genkit.data.images import load_images
+from genkit.data.config import ImageDataConfig
 from genkit.diffusion.io import EDMTeacher, teacher_config
 from genkit.diffusion.loss import EDMLoss
 from genkit.diffusion.networks import UNet, UNetConfig
@@ -32,15 +32,7 @@ from genkit.runtime.checkpoint import save_model_folder
 from genkit.runtime.loop import batch_problems, warmup_cosine_lr
 
 
-@dataclass
-class DiffusionDataConfig:
-    source: str = field("digits", help="image source: digits, mnist5k, fashion-mnist or a folder of images")
-    split_seed: int = field(0, help="seed of the train/test split")
-    image_size: int = field(0, help="resize folder images to this size (0 = keep)", min=0)
-    channels: int = field(1, help="channels for folder images (1 = grey, 3 = RGB)", min=1, max=3)
-    conditional: bool = field(False, help="condition on class labels (with label dropout: classifier-free guidance)")
-    label_drop: float = field(0.1, help="probability of replacing a label by the null class during training",
-                              min=0.0, max=1.0)
+DiffusionDataConfig = ImageDataConfig  # the data section of diffusion recipes
 
 
 @dataclass
@@ -154,10 +146,7 @@ def make_batch(y_all: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tens
 def train_diffusion(cfg: DiffusionRecipe, out: str | Path, *, quiet: bool = False) -> dict:
     rt = Runtime(cfg.runtime, out, quiet=quiet)
     seed = cfg.runtime.seed
-    train = load_images(cfg.data.source, "train", seed=cfg.data.split_seed, image_size=cfg.data.image_size or None,
-                        channels=cfg.data.channels)
-    if cfg.data.conditional and train.labels is None:
-        raise ConfigError(f"data.conditional: source '{cfg.data.source}' has no labels")
+    train = cfg.data.load("train")
     torch.manual_seed(seed)  # same initial weights on every rank
     net = build_unet(cfg, train.shape, train.num_classes)
     t, e = cfg.train, cfg.eval

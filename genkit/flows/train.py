@@ -19,7 +19,8 @@ import torch
 from genkit.config import field
 from genkit.data.batches import batch_indices, step_generator
 from genkit.data.grid import save_grid
-from genkit.data.images import ImageData, load_images
+from genkit.data.config import ImageDataConfig
+from genkit.data.images import ImageData
 from genkit.errors import ConfigError
 from genkit.eval.bpd import bits_per_dim, dequantize
 from genkit.runtime import EMA, Runtime, RuntimeConfig, atomic_write_json
@@ -28,17 +29,10 @@ from genkit.runtime.loop import batch_problems, warmup_cosine_lr
 
 
 @dataclass
-class FlowDataConfig:
-    source: str = field("digits", help="image source: digits, mnist5k, fashion-mnist or a folder of images")
-    split_seed: int = field(0, help="seed of the train/test split")
-    image_size: int = field(0, help="resize folder images to this size (0 = keep)", min=0)
-    channels: int = field(1, help="channels for folder images (1 = grey, 3 = RGB)", min=1, max=3)
+class FlowDataConfig(ImageDataConfig):
     noise: Literal["uniform", "gaussian"] = field(
         "uniform", help="uniform dequantization (likelihood runs, exact bits/dim) or Gaussian noise augmentation")
     noise_std: float = field(0.05, help="sigma of the Gaussian noise augmentation, in [-1,1] pixel units", min=0.0)
-    conditional: bool = field(False, help="condition on class labels (needed for classifier-free guidance)")
-    label_drop: float = field(0.1, help="probability of replacing a label by the null label (CFG training)",
-                              min=0.0, max=1.0)
 
 
 @dataclass
@@ -143,12 +137,7 @@ def flow_log_prob(model):
 def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict:
     rt = Runtime(cfg.runtime, out, quiet=quiet)
     seed = cfg.runtime.seed
-    train = load_images(cfg.data.source, "train", seed=cfg.data.split_seed, image_size=cfg.data.image_size or None,
-                        channels=cfg.data.channels)
-    test = load_images(cfg.data.source, "test", seed=cfg.data.split_seed, image_size=cfg.data.image_size or None,
-                       channels=cfg.data.channels)
-    if cfg.data.conditional and train.labels is None:
-        raise ConfigError(f"data.conditional: source '{cfg.data.source}' has no labels")
+    train, test = cfg.data.load("train"), cfg.data.load("test")
     torch.manual_seed(seed)  # same initial weights on every rank
     model = build_flow(cfg, train.shape, train.num_classes)
     model_config = model.config.to_dict()

@@ -2,16 +2,13 @@
 SiDA (and SiD2A), SiD-LSG on class / text conditioning, and one-line errors for bad input."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import REPO, run_genkit
+from support import REPO, kill_at_checkpoint, run_genkit
 
 from genkit import config as C
 from genkit.cli import main
@@ -80,21 +77,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     ref = tmp_path / "ref"
     run_genkit(*args, "--out", ref, "-q")
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("GENKIT_DEBUG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "genkit", *args, "--out", str(out), "-q"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = out / "checkpoints" / "step-00000020" / "meta.json"
-    t0 = time.time()
-    while not target.exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() - t0 < 300
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model").exists(), "killed too late: the run had finished"
-    done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
-    killed_at = int(done[-1].split("-")[1])
+    killed_at = kill_at_checkpoint(args, out, 20)
     assert 20 <= killed_at < 60
     run_genkit(*args, "--out", out, "-q")  # the same command again: runtime.resume=auto
     starts = [r["step"] for r in log_records(out) if r.get("event") == "start"]

@@ -2,18 +2,15 @@
 non-finite loss, checkpoint atomicity and one-line errors."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import REPO, run_genkit
+from support import REPO, kill_at_checkpoint, run_genkit
 
 # dropout off: its masks come from each rank's own RNG stream (seed + rank), so only a dropout-free model can
 # match one process bit for bit; everything else (rows, dequantization noise, label drops) is rank-independent
@@ -56,21 +53,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     run_genkit("train-flow", *args, "--out", ref, "-q")
 
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("GENKIT_DEBUG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "genkit", "train-flow", *args, "--out", str(out), "-q"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = out / "checkpoints" / "step-00000030" / "meta.json"
-    t0 = time.time()
-    while not target.exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() - t0 < 300
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model").exists(), "killed too late: the run had finished"
-    done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
-    killed_at = int(done[-1].split("-")[1])
+    killed_at = kill_at_checkpoint(["train-flow", *args], out, 30)
     assert 30 <= killed_at < 120
 
     run_genkit("train-flow", *args, "--out", out, "-q")  # the same command again: runtime.resume=auto
