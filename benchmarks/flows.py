@@ -146,12 +146,17 @@ def main():
     print(json.dumps(res, indent=1, default=str))
 
 
+def closed_form_baselines(source: str):
+    """(train, test, figures) for a source: its split, the uniform, histogram and Gaussian bits/dim."""
+    tr, te = load_images(source, "train"), load_images(source, "test")
+    res: dict = {"split": f"{len(tr)}/{len(te)} (seed 0)", "uniform_bpd": math.log2(tr.levels),
+                 "histogram_bpd": histogram_bpd(tr, te), "gaussian_bpd": gaussian_bpd(tr, te)}
+    print(f"{source:7s} histogram {res['histogram_bpd']:.3f}  gaussian {res['gaussian_bpd']:.3f}", flush=True)
+    return tr, te, res
+
+
 def digits(args, res):
-    tr, te = load_images("digits", "train"), load_images("digits", "test")
-    dig: dict = {"split": f"{len(tr)}/{len(te)} (seed 0)", "uniform_bpd": math.log2(tr.levels)}
-    dig["histogram_bpd"] = histogram_bpd(tr, te)
-    dig["gaussian_bpd"] = gaussian_bpd(tr, te)
-    print(f"digits  histogram {dig['histogram_bpd']:.3f}  gaussian {dig['gaussian_bpd']:.3f}", flush=True)
+    tr, te, dig = closed_form_baselines("digits")
     ov = [f"train.steps={args.digits_steps}"] if args.digits_steps else []
     run = args.out / "tarflow-digits"
     m = tarflow_run("recipes/train-flow/tarflow-digits.yaml", run, ov)
@@ -177,11 +182,7 @@ def digits(args, res):
 
 
 def mnist(args, res):
-    tr, te = load_images("mnist5k", "train"), load_images("mnist5k", "test")
-    mn: dict = {"split": f"{len(tr)}/{len(te)} (seed 0)", "uniform_bpd": 8.0}
-    mn["histogram_bpd"] = histogram_bpd(tr, te)
-    mn["gaussian_bpd"] = gaussian_bpd(tr, te)
-    print(f"mnist5k histogram {mn['histogram_bpd']:.3f}  gaussian {mn['gaussian_bpd']:.3f}", flush=True)
+    tr, te, mn = closed_form_baselines("mnist5k")
     ov = [f"train.steps={args.mnist_steps}"] if args.mnist_steps else []
     run = args.out / "tarflow-mnist5k"
     m = tarflow_run("recipes/train-flow/tarflow-mnist5k.yaml", run, ov)

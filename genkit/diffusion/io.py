@@ -33,7 +33,7 @@ from torch import nn
 from genkit.diffusion.networks import MODEL_TYPE, UNet, UNetConfig
 from genkit.errors import ConfigError
 from genkit.models.denoisers import EDMPrecond
-from genkit.runtime.checkpoint import find_latest_checkpoint
+from genkit.runtime.checkpoint import find_model_folder
 
 
 class EDMTeacher(nn.Module):
@@ -96,12 +96,9 @@ def resolve_teacher_folder(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"teacher '{p}' does not exist: give a run folder of genkit train-diffusion or its model/")
-    for cand in (p, p / "model"):
-        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
-            return cand
-    ck = find_latest_checkpoint(p)
-    if ck is not None and (ck / "model" / "config.json").is_file():
-        return ck / "model"
+    folder = find_model_folder(p)
+    if folder is not None:
+        return folder
     raise ConfigError(f"'{p}' holds no teacher weights (no config.json + model.safetensors, no complete checkpoint)")
 
 

@@ -69,14 +69,11 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"model folder '{path}' does not exist")
-    for cand in (path, path / "model"):
-        if (cand / "config.json").is_file():
-            return cand
-    from genkit.runtime import find_latest_checkpoint
+    from genkit.runtime.checkpoint import find_model_folder
 
-    ckpt = find_latest_checkpoint(path)
-    if ckpt is not None and (ckpt / "model" / "config.json").is_file():
-        return ckpt / "model"
+    folder = find_model_folder(path, weights_file=False)  # LLaDA-8B is sharded: no model.safetensors
+    if folder is not None:
+        return folder
     raise ConfigError(f"'{path}' holds no config.json: pass a model folder (config.json + model.safetensors), "
                       "a genkit run folder or a checkpoint folder")
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from genkit.errors import ConfigError
-from genkit.runtime.checkpoint import find_latest_checkpoint
+from genkit.runtime.checkpoint import find_model_folder
 
 
 def resolve_model_folder(path: str | Path) -> Path:
@@ -15,12 +15,9 @@ def resolve_model_folder(path: str | Path) -> Path:
     if not p.exists():
         raise ConfigError(f"checkpoint '{p}' does not exist: give a run folder (from genkit train-flow --out) "
                           "or a model folder with config.json + model.safetensors")
-    for cand in (p, p / "model"):
-        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
-            return cand
-    ck = find_latest_checkpoint(p)
-    if ck is not None and (ck / "model" / "config.json").is_file():
-        return ck / "model"
+    folder = find_model_folder(p)
+    if folder is not None:
+        return folder
     raise ConfigError(f"'{p}' holds no flow weights (no config.json + model.safetensors, no complete checkpoint)")
 
 

@@ -35,6 +35,20 @@ def find_latest_checkpoint(folder: str | Path) -> Path | None:
     return max(done, key=lambda p: int(_NAME.match(p.name).group(1))) if done else None
 
 
+def find_model_folder(path: str | Path, *, weights_file: bool = True) -> Path | None:
+    """The model folder behind ``path``: ``path`` itself or ``path/model`` when it holds ``config.json`` (and
+    ``model.safetensors`` when ``weights_file``; sharded checkpoints have none), else the newest complete
+    checkpoint's ``model/``; None when there is none."""
+    p = Path(path)
+    for cand in (p, p / "model"):
+        if (cand / "config.json").is_file() and (not weights_file or (cand / "model.safetensors").is_file()):
+            return cand
+    ck = find_latest_checkpoint(p)
+    if ck is not None and (ck / "model" / "config.json").is_file():
+        return ck / "model"
+    return None
+
+
 def save_model_folder(folder: str | Path, state_dict: dict, config: dict) -> Path:
     """An HF-style model folder (``config.json`` + ``model.safetensors``), each file written atomically."""
     folder = Path(folder)

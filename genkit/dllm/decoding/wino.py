@@ -37,6 +37,20 @@ def wino_layout(prompt_length: int, gen_length: int, block_length: int, block: i
     return mask[None, None] & keep[:, None, None, :], (pos[None, :] - pad[:, None]).clamp_min(0)
 
 
+def wino_start(model, prompt_ids, gen_length, block_length, mask_id, prompt_mask):
+    """The shared start of WINO-style decoders: mask id, block length and count, device, the working sequence
+    x (B, P + gen_length + block_length) = [prompt | masked answer | masked shadow block], left-padding counts
+    pad (B,) and the padded prompt length P."""
+    M = resolve_mask_id(model, mask_id)
+    Bk, num_blocks, _ = check_blocks(gen_length, block_length)
+    device = model_device(model)
+    ids, pad = pad_prompts(prompt_ids, resolve_pad_id(model, M), prompt_mask, device)
+    B, P = ids.shape
+    x = torch.full((B, P + gen_length + Bk), M, dtype=torch.long, device=device)  # shadow slots stay M forever
+    x[:, :P] = ids
+    return M, Bk, num_blocks, device, x, pad, P
+
+
 def _draft_cap(n_masked: int) -> int:
     # Official: min(max(int(0.7 * n), 5), 20) with n a tensor (float32 product); both agree wherever the clamp
     # does not bind (they first differ at n = 90, far above the cap).
@@ -49,15 +63,10 @@ def _wino(model, prompt_ids, *, gen_length, block_length, tau1, tau2, temperatur
     if is_shifted(model):
         raise ConfigError("WINO needs a model with unshifted logits (its shadow slots predict their partner "
                           "position); use llada or fast-dllm for Dream-style shifted models")
-    M = resolve_mask_id(model, mask_id)
-    Bk, num_blocks, _ = check_blocks(gen_length, block_length)
-    device = model_device(model)
-    ids, pad = pad_prompts(prompt_ids, resolve_pad_id(model, M), prompt_mask, device)
-    B, P = ids.shape
+    M, Bk, num_blocks, device, x, pad, P = wino_start(model, prompt_ids, gen_length, block_length, mask_id,
+                                                      prompt_mask)
+    B, T = x.shape
     main = P + gen_length
-    T = main + Bk
-    x = torch.full((B, T), M, dtype=torch.long, device=device)  # (B, T); shadow slots stay M forever
-    x[:, :P] = ids
     tr, rtr = new_trace(B, trace), new_trace(B, trace)
     nfe, remasked, per_block = 0, 0, []
 

@@ -14,16 +14,11 @@ from .common import (
     DecodeResult,
     add_gumbel_noise,
     argmax_no_mask,
-    check_blocks,
     is_shifted,
-    model_device,
     new_trace,
-    pad_prompts,
-    resolve_mask_id,
-    resolve_pad_id,
     softmax_prob,
 )
-from .wino import _draft_cap, wino_layout
+from .wino import _draft_cap, wino_layout, wino_start
 
 
 @torch.no_grad()
@@ -48,14 +43,10 @@ def decode_wino_plus(model, prompt_ids, *, gen_length: int = 128, block_length: 
     """
     if is_shifted(model):
         raise ConfigError("WINO+ needs a model with unshifted logits; use llada or fast-dllm for Dream-style models")
-    M = resolve_mask_id(model, mask_id)
-    Bk, num_blocks, _ = check_blocks(gen_length, block_length)
-    device = model_device(model)
-    ids, pad = pad_prompts(prompt_ids, resolve_pad_id(model, M), prompt_mask, device)
-    B, P = ids.shape
+    M, Bk, num_blocks, device, x, pad, P = wino_start(model, prompt_ids, gen_length, block_length, mask_id,
+                                                      prompt_mask)
+    B = x.shape[0]
     main = P + gen_length
-    x = torch.full((B, main + Bk), M, dtype=torch.long, device=device)  # (B, T); shadow slots stay M
-    x[:, :P] = ids
     tr, rtr = new_trace(B, trace), new_trace(B, trace)
     nfe, remasked, per_block = 0, 0, []
 
