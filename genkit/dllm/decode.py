@@ -33,7 +33,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 # decoder keyword arguments that `genkit decode` may set (None = the decoder's default)
 KNOBS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale", "tau", "cache", "tau1",
-         "tau2", "final_checks", "alg_temp", "top_p", "top_k", "eps", "mask_id")
+         "tau2", "refresh", "final_checks", "alg_temp", "top_p", "top_k", "eps", "mask_id")
 
 
 @dataclass
@@ -54,6 +54,8 @@ class DecodeConfig:
     tau1: float | None = field(None, help="WINO: drafting threshold (wide in)", min=0.0, max=1.0)
     tau2: float | None = field(None, help="WINO: verification threshold (narrow out; 0 = draft only)", min=0.0,
                                max=1.0)
+    refresh: int | None = field(None, help="wino-cache: a full pass refreshes the cache every N passes (0 = only "
+                                "at block start)", min=0)
     final_checks: int | None = field(None, help="wino-plus: verification passes allowed once a block is full",
                                      min=0)
     alg_temp: float | None = field(None, help="Dream orders: temperature of the position sampling (0 = top-k)")

@@ -120,6 +120,50 @@ def test_caches_run_on_deeper_models(tiny, prompts):
     assert not (res.generated == 63).any()
 
 
+def test_wino_cache_refresh_every_pass_is_wino(tiny, prompts):
+    model = tiny(n_layers=2)
+    w = decode_wino(model, prompts, gen_length=16, block_length=8, tau1=0.3, trace=True)
+    wc = decode_wino_cache(model, prompts, gen_length=16, block_length=8, tau1=0.3, refresh=1, trace=True)
+    assert torch.equal(w.tokens, wc.tokens) and (w.nfe, w.remasked) == (wc.nfe, wc.remasked) and w.trace == wc.trace
+    with pytest.raises(ConfigError, match="refresh must be >= 0"):
+        decode_wino_cache(model, prompts, gen_length=16, block_length=8, refresh=-1)
+
+
+def test_wino_cache_refresh_falls_back_when_a_cached_token_is_remasked(tiny):
+    # Spy on the passes: which cache each cached pass reads.  Replaying the accept/re-mask trace gives the
+    # decoded set at every refresh; a pass must read the block-start cache exactly when a token decoded at
+    # the newest refresh has been re-masked since, and otherwise the cache left by the pass before it.
+    model = tiny(n_layers=2)
+    calls = []
+    forward = model.forward
+
+    def spy(*a, **k):
+        out = forward(*a, **k)
+        calls.append((k.get("past_key_values"), out.past_key_values))
+        return out
+
+    model.forward = spy
+    r = 2
+    res = decode_wino_cache(model, [[1, 5, 9, 12, 7]], gen_length=16, block_length=16, tau1=0.3, refresh=r,
+                            trace=True)
+    acc, rem = res.trace[0], res.remask_trace[0]
+    assert len(calls) == res.nfe == len(acc) and sum(map(len, rem)) == res.remasked > 0
+    decoded, snap, base, fallbacks = set(), set(), calls[0][1], 0
+    for t, (kv_in, _) in enumerate(calls):
+        if t % r == 0:
+            assert kv_in is None  # a full pass
+            snap = set(decoded)
+        else:
+            leaked = bool(snap - decoded)  # a token held by the newest refresh was re-masked since
+            expected = base if leaked else calls[t - 1][1]
+            assert kv_in is expected
+            fallbacks += leaked
+            if leaked:
+                snap = set()
+        decoded = (decoded | set(acc[t])) - set(rem[t])
+    assert fallbacks > 0  # the case under test happened
+
+
 def test_wino_rejects_shifted_models(tiny):
     with pytest.raises(ConfigError, match="unshifted"):
         decode_wino(tiny(n_layers=1, shifted=True), [[1, 2]], gen_length=8, block_length=8)

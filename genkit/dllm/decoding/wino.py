@@ -59,7 +59,7 @@ def _draft_cap(n_masked: int) -> int:
 
 @torch.no_grad()
 def _wino(model, prompt_ids, *, gen_length, block_length, tau1, tau2, temperature, mask_id, prompt_mask,
-          generator, trace, cache):
+          generator, trace, cache, refresh=0):
     if is_shifted(model):
         raise ConfigError("WINO needs a model with unshifted logits (its shadow slots predict their partner "
                           "position); use llada or fast-dllm for Dream-style shifted models")
@@ -78,15 +78,19 @@ def _wino(model, prompt_ids, *, gen_length, block_length, tau1, tau2, temperatur
         verify = ~masked  # (B, Bk): block positions decoded in this block (checked by their shadow slot)
         last_accept = [30] * B
         kv, block_passes = None, 0
+        base_kv = base_snap = snap = None  # block-start cache and what it holds; the cache in use holds `snap`
         while bool(masked.any()):
             caps = [_draft_cap(int(masked[b].sum())) for b in range(B)]
-            if kv is None:  # a full pass (always without cache; the first pass of the block with it)
+            if kv is None or (refresh > 0 and block_passes % refresh == 0):  # a full pass
                 out = model(x, attention_mask=mask4, position_ids=pos, use_cache=cache)
                 logits = out.logits if cache else out  # (B, T, V)
                 noisy = add_gumbel_noise(logits, temperature, generator)
                 main_logits, shadow_logits = logits[:, s:e], logits[:, main:]  # (B, Bk, V) each
                 main_noisy = noisy[:, s:e]
-                kv = out.past_key_values if cache else None
+                if cache:
+                    kv, snap = out.past_key_values, ~masked  # the cache encodes the tokens decoded now
+                    if base_kv is None:
+                        base_kv, base_snap = kv, snap
             else:  # cached pass: recompute only the current block and the shadow block
                 q = torch.cat([torch.arange(s, e), torch.arange(main, T)]).to(device)  # (2 Bk,)
                 out = model(x[:, q], attention_mask=mask4[:, :, q], position_ids=pos[..., q],
@@ -132,6 +136,10 @@ def _wino(model, prompt_ids, *, gen_length, block_length, tau1, tau2, temperatur
                     tr[b].append([s - P + int(i) for i in a_idx[torch.argsort(-c[a_idx], stable=True)]])
                     r_idx = rem.nonzero().flatten()
                     rtr[b].append([s - P + int(i) for i in r_idx[torch.argsort(back[b][r_idx], stable=True)]])
+            if cache and bool((snap & masked).any()):
+                # a refreshed cache still encodes a token the verifier has now re-masked: the next passes
+                # would read the revoked token back from it, so fall back to the block-start cache
+                kv, snap = base_kv, base_snap
         per_block.append(block_passes)
     return DecodeResult(tokens=x[:, :main].clone(), nfe=nfe, remasked=remasked, trace=tr, remask_trace=rtr,
                         prompt_length=P, extras={"passes_per_block": per_block})
@@ -170,7 +178,7 @@ def decode_wino(model, prompt_ids, *, gen_length: int = 128, block_length: int =
 
 
 def decode_wino_cache(model, prompt_ids, *, gen_length: int = 128, block_length: int = 128, tau1: float = 0.6,
-                      tau2: float = 0.9, temperature: float = 0.0, mask_id: int | None = None,
+                      tau2: float = 0.9, temperature: float = 0.0, refresh: int = 0, mask_id: int | None = None,
                       prompt_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
                       trace: bool = False) -> DecodeResult:
     """WINO (arXiv 2507.18578) with a block-wise key/value cache, in the manner of Fast-dLLM's DualCache
@@ -182,7 +190,17 @@ def decode_wino_cache(model, prompt_ids, *, gen_length: int = 128, block_length:
     blocks' keys/values from the block's first pass. Decisions are exactly `decode_wino`'s; the only
     difference is this approximation (which is exact for a one-layer model, whose keys/values depend on the
     token alone). Not in the official WINO code.
+
+    ``refresh = r > 0`` makes every r-th pass of a block a full pass whose keys/values replace the cache, so
+    the prompt's and other blocks' entries see the block's decoded tokens (r = 1 is `decode_wino` exactly).
+    A refreshed cache encodes the tokens decoded when it was taken; as soon as the verifier re-masks one of
+    them, the decoder falls back to the block-start cache (all block positions masked), because the revoked
+    token could otherwise be read back through the stale entries.  Between refreshes a token held by the
+    cache is also visible, through those entries, to its own shadow slot, which makes its verification
+    lenient until the next refresh.  r = 0 (default) keeps the block-start cache.
     """
+    if refresh < 0:
+        raise ConfigError(f"refresh must be >= 0 (0 = never), got {refresh}")
     return _wino(model, prompt_ids, gen_length=gen_length, block_length=block_length, tau1=tau1, tau2=tau2,
                  temperature=temperature, mask_id=mask_id, prompt_mask=prompt_mask, generator=generator,
-                 trace=trace, cache=True)
+                 trace=trace, cache=True, refresh=refresh)
