@@ -10,8 +10,8 @@ Parts (each a ``genkit distill`` run through ``genkit.distill.train.distill``; r
   exact sliced W2 / mode-mass TV / log-density of the one-step generator vs the exact teacher's 35-NFE Heun
   and 1-step Euler samples (targets: sliced W2 <= 1.1x Heun-35, mode TV <= 0.05).
 - ``sida``: SiDA with a deliberately imperfect MLP teacher (DSM on 2,000 samples) plus 5,000 real samples
-  (recipes/distill/sida-ring2d.yaml), and SiD from the same teacher without real data; target: SiDA's
-  one-step sliced W2 below the teacher's own 35-NFE Heun.
+  (recipes/distill/sida-ring2d.yaml, adversarial scale 100), the same at the official scale 0.01, and SiD
+  from the same teacher without real data; target: SiDA's one-step sliced W2 below the teacher's own 35-NFE Heun.
 - ``digits``: SiD on the unconditional digits teacher (recipes/distill/sid-digits.yaml): one-step fd-digits
   vs the teacher's 35-NFE Heun (target <= 1.2x) and 1-step Euler, label entropy (target within 1%).
 - ``mnist``: the same on an MNIST-5k teacher when one exists (``--mnist-teacher``; skipped otherwise).
@@ -105,9 +105,14 @@ def sida_part(runs, quick) -> dict:
     reuse_fit(runs / "ring-sida-imperfect", runs / "ring-sid-imperfect")
     res["sid_same_teacher"] = run("ring-sid-imperfect", "sida-ring2d.yaml", ["method=sid", "sid.alpha=1.2",
                                                                              "eval.teacher_baseline=false"], runs, quick)
+    # the official adversarial scale (the recipe uses 100; see recipes/distill/sida-ring2d.yaml)
+    reuse_fit(runs / "ring-sida-imperfect", runs / "ring-sida-imperfect-official-scale")
+    res["sida_official_scale"] = run("ring-sida-imperfect-official-scale", "sida-ring2d.yaml",
+                                     ["sida.loss_scaling_adv=0.01", "eval.teacher_baseline=false"], runs, quick)
     m = res["sida"]
     res["targets"] = {"teacher_heun35_sliced_w2": teacher(m, "heun", "sliced_w2"),
                       "sida_sliced_w2": m["sliced_w2"], "sid_same_teacher_sliced_w2": res["sid_same_teacher"]["sliced_w2"],
+                      "sida_official_scale_sliced_w2": res["sida_official_scale"]["sliced_w2"],
                       "sida_beats_teacher": m["sliced_w2"] < teacher(m, "heun", "sliced_w2")}
     return res
 
@@ -204,7 +209,8 @@ def plot(results, path):
 
     panels = []
     for part, key in (("mixture", "sid_alpha1.2"), ("mixture", "sid_alpha1.0"),
-                      ("mixture", "sid_alpha1.2_sample_normaliser"), ("sida", "sida"), ("sida", "sid_same_teacher")):
+                      ("mixture", "sid_alpha1.2_sample_normaliser"), ("sida", "sida"), ("sida", "sid_same_teacher"),
+                      ("sida", "sida_official_scale")):
         m = results.get(part, {}).get(key)
         if m and "samples_png" in m and Path(m["samples_png"]).is_file():
             heun = results[part]["targets"].get("teacher_heun35_sliced_w2", float("nan"))
