@@ -136,10 +136,13 @@ def _wino(model, prompt_ids, *, gen_length, block_length, tau1, tau2, temperatur
                     tr[b].append([s - P + int(i) for i in a_idx[torch.argsort(-c[a_idx], stable=True)]])
                     r_idx = rem.nonzero().flatten()
                     rtr[b].append([s - P + int(i) for i in r_idx[torch.argsort(back[b][r_idx], stable=True)]])
-            if cache and bool((snap & masked).any()):
+            leak = (snap & masked).any(dim=1) if cache else None  # (B,)
+            if leak is not None and bool(leak.any()):
                 # a refreshed cache still encodes a token the verifier has now re-masked: the next passes
-                # would read the revoked token back from it, so fall back to the block-start cache
-                kv, snap = base_kv, base_snap
+                # would read the revoked token back from it, so these rows fall back to the block-start cache
+                sel = leak.view(B, 1, 1, 1)
+                kv = [(torch.where(sel, bk, k_), torch.where(sel, bv, v_)) for (k_, v_), (bk, bv) in zip(kv, base_kv)]
+                snap = torch.where(leak[:, None], base_snap, snap)
         per_block.append(block_passes)
     return DecodeResult(tokens=x[:, :main].clone(), nfe=nfe, remasked=remasked, trace=tr, remask_trace=rtr,
                         prompt_length=P, extras={"passes_per_block": per_block})
