@@ -78,7 +78,7 @@ def _wino(model, prompt_ids, *, gen_length, block_length, tau1, tau2, temperatur
         verify = ~masked  # (B, Bk): block positions decoded in this block (checked by their shadow slot)
         last_accept = [30] * B
         kv, block_passes = None, 0
-        base_kv = base_snap = snap = None  # block-start cache and what it holds; the cache in use holds `snap`
+        base_kv = snap = None  # block-start cache (holds no block token); `snap`: block tokens the cache holds
         while bool(masked.any()):
             caps = [_draft_cap(int(masked[b].sum())) for b in range(B)]
             if kv is None or (refresh > 0 and block_passes % refresh == 0):  # a full pass
@@ -90,7 +90,7 @@ def _wino(model, prompt_ids, *, gen_length, block_length, tau1, tau2, temperatur
                 if cache:
                     kv, snap = out.past_key_values, ~masked  # the cache encodes the tokens decoded now
                     if base_kv is None:
-                        base_kv, base_snap = kv, snap
+                        base_kv = kv
             else:  # cached pass: recompute only the current block and the shadow block
                 q = torch.cat([torch.arange(s, e), torch.arange(main, T)]).to(device)  # (2 Bk,)
                 out = model(x[:, q], attention_mask=mask4[:, :, q], position_ids=pos[..., q],
@@ -136,13 +136,13 @@ def _wino(model, prompt_ids, *, gen_length, block_length, tau1, tau2, temperatur
                     tr[b].append([s - P + int(i) for i in a_idx[torch.argsort(-c[a_idx], stable=True)]])
                     r_idx = rem.nonzero().flatten()
                     rtr[b].append([s - P + int(i) for i in r_idx[torch.argsort(back[b][r_idx], stable=True)]])
-            leak = (snap & masked).any(dim=1) if cache else None  # (B,)
+            leak = (snap & masked).any(dim=1) if cache and refresh > 0 else None  # (B,)
             if leak is not None and bool(leak.any()):
                 # a refreshed cache still encodes a token the verifier has now re-masked: the next passes
                 # would read the revoked token back from it, so these rows fall back to the block-start cache
                 sel = leak.view(B, 1, 1, 1)
                 kv = [(torch.where(sel, bk, k_), torch.where(sel, bv, v_)) for (k_, v_), (bk, bv) in zip(kv, base_kv)]
-                snap = torch.where(leak[:, None], base_snap, snap)
+                snap = snap & ~leak[:, None]
         per_block.append(block_passes)
     return DecodeResult(tokens=x[:, :main].clone(), nfe=nfe, remasked=remasked, trace=tr, remask_trace=rtr,
                         prompt_length=P, extras={"passes_per_block": per_block})
