@@ -81,6 +81,10 @@ class DLLMTrainConfig:
     t_sampling: Literal["uniform", "stratified"] = field(
         "uniform", help="t ~ U(0,1) per row (LLaDA) or a stratified sample over the batch (same marginal)")
     max_minutes: float = field(0.0, help="stop early after this many minutes of training (0 = no limit)", min=0.0)
+    prefix_cache: float = field(
+        0.0, help="share of steps trained through a block-start prefix cache: the prompt's keys/values computed "
+        "with the whole answer masked, as WINO's / Fast-dLLM's caches hold them (a genkit option, not in LLaDA; "
+        "makes small models tolerate the cache)", min=0.0, max=1.0)
 
 
 @dataclass
@@ -141,10 +145,26 @@ class LLaDASFTLoss:
         masked[:, :T - G] = False  # the prompt is never masked
         return p, masked
 
-    def __call__(self, model, ids, p, masked, G, attention_mask=None, position_ids=None):
-        """Per-row losses (B,) for clean `ids` (B, T) whose last G columns are the answer."""
+    def __call__(self, model, ids, p, masked, G, attention_mask=None, position_ids=None, cached: bool = False):
+        """Per-row losses (B,) for clean `ids` (B, T) whose last G columns are the answer.
+
+        `cached` (`train.prefix_cache`): the answer sees the prompt through a block-start prefix cache, the
+        prompt's keys/values from a pass (no gradient) over the prompt with the whole answer masked, as WINO's
+        and Fast-dLLM's caches hold them while a block is decoded. The prompt is never scored either way.
+        """
         noisy = ids.masked_fill(masked, self.mask_id)
-        logits = model(noisy, attention_mask=attention_mask, position_ids=position_ids)  # (B, T, V)
+        if not cached:
+            logits = model(noisy, attention_mask=attention_mask, position_ids=position_ids)  # (B, T, V)
+        else:
+            B, T = ids.shape
+            P = T - G
+            with torch.no_grad():
+                kv = model(ids.masked_fill(torch.arange(T, device=ids.device) >= P, self.mask_id),
+                           attention_mask=attention_mask, position_ids=position_ids, use_cache=True).past_key_values
+            kv = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]  # (B, K, P, D): the prompt's entries only
+            ans = model(noisy[:, P:], attention_mask=attention_mask, past_key_values=kv,
+                        position_ids=None if position_ids is None else position_ids[:, P:])  # (B, G, V)
+            logits = torch.cat([ans.new_zeros(B, P, ans.shape[-1]), ans], 1)  # (B, T, V)
         ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (N,)
         w = (1.0 / p)[:, None].expand_as(masked)[masked]  # (N,) the 1/p weight of each masked token
         per_row = torch.zeros(ids.shape[0], device=ids.device).index_add(
@@ -223,6 +243,9 @@ def train_dllm(cfg: DLLMRecipe, out: str | Path, *, quiet: bool = False) -> dict
                 group["lr"] = lr_at(step, t)
             idx = batch_indices(len(train), t.batch_size, step, seed)
             g = step_generator(seed, step, stream=2)
+            # train.prefix_cache: this step's batch sees the prompt through a block-start cache (same on all ranks)
+            cached = t.prefix_cache > 0 and float(torch.rand(1, generator=step_generator(seed, step, stream=3))) \
+                < t.prefix_cache
             model.train()
             total = torch.zeros((), device=rt.device)
             for a in range(cfg.runtime.grad_accum):
@@ -242,7 +265,7 @@ def train_dllm(cfg: DLLMRecipe, out: str | Path, *, quiet: bool = False) -> dict
                 with rt.no_sync(model, skip=a < cfg.runtime.grad_accum - 1):
                     with rt.autocast():
                         per_row = loss_fn(model, x.to(rt.device), p_row.to(rt.device), masked.to(rt.device), G,
-                                          keep, pos)
+                                          keep, pos, cached=cached)
                     loss = per_row.mean()
                     rt.check_finite(loss, step)
                     rt.backward(loss / cfg.runtime.grad_accum)
