@@ -62,8 +62,12 @@ TASKS = {
                     "train.steps": 6000, "train.lr": 1e-3, "train.warmup_steps": 200},
     # 20-40-digit operands, right-aligned in 40 columns; 41-character sum
     # 6000 steps: the model sits at chance (loss ~1.6) until a sudden drop (at ~1,750 steps in a 6000-step
-    # cosine schedule); a 3000-step schedule decays the learning rate before it and never learns the sum
-    "long-add": {"data.task": "long-add", "train.steps": 6000},
+    # cosine schedule); a 3000-step schedule decays the learning rate before it and never learns the sum.
+    # From step 3,600 on, half of the steps go through a block-start prefix cache (train.prefix_cache): without
+    # it seed 1 decoded 92% with WINO but 41% with wino-cache (the answer read its carries back through the
+    # prompt's entries); with it 92% / 91% (tau1 0.6). From step 0 on, seed 1 never left chance in 6000 steps.
+    "long-add": {"data.task": "long-add", "train.steps": 6000, "train.prefix_cache": 0.5,
+                 "train.prefix_cache_after": 0.6},
     # reasoning-gym basic_arithmetic (two terms of 1-2 digits, + and -), graded by its own scorer
     "basic_arithmetic": {"data.task": "basic_arithmetic", "train.steps": 3000},
 }

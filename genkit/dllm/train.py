@@ -85,6 +85,8 @@ class DLLMTrainConfig:
         0.0, help="share of steps trained through a block-start prefix cache: the prompt's keys/values computed "
         "with the whole answer masked, as WINO's / Fast-dLLM's caches hold them (a genkit option, not in LLaDA; "
         "makes small models tolerate the cache)", min=0.0, max=1.0)
+    prefix_cache_after: float = field(0.0, help="share of train.steps done before train.prefix_cache starts (let "
+                                      "the model learn the task first)", min=0.0, max=1.0)
 
 
 @dataclass
@@ -244,8 +246,8 @@ def train_dllm(cfg: DLLMRecipe, out: str | Path, *, quiet: bool = False) -> dict
             idx = batch_indices(len(train), t.batch_size, step, seed)
             g = step_generator(seed, step, stream=2)
             # train.prefix_cache: this step's batch sees the prompt through a block-start cache (same on all ranks)
-            cached = t.prefix_cache > 0 and float(torch.rand(1, generator=step_generator(seed, step, stream=3))) \
-                < t.prefix_cache
+            cached = t.prefix_cache > 0 and step >= t.prefix_cache_after * t.steps and \
+                float(torch.rand(1, generator=step_generator(seed, step, stream=3))) < t.prefix_cache
             model.train()
             total = torch.zeros((), device=rt.device)
             for a in range(cfg.runtime.grad_accum):

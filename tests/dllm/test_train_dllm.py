@@ -175,3 +175,8 @@ def test_prefix_cache_training_runs_and_resumes_exactly(tmp_path, capsys):
     c = load_file(str(plain / "model" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     assert max(float((a[k] - c[k]).abs().max()) for k in a) > 0  # some of the 6 steps went through the cache
+    late = tmp_path / "late"  # prefix_cache_after=1: the cache never starts, the run is the plain one
+    assert cli(capsys, "train-dllm", *args[:-1], "train.prefix_cache=1.0", "train.prefix_cache_after=1.0",
+               "--out", late, "-q")[0] == 0
+    d = load_file(str(late / "model" / "model.safetensors"))
+    assert max(float((d[k] - c[k]).abs().max()) for k in c) == 0.0
