@@ -35,6 +35,7 @@ import torch
 
 from genkit import config as C
 from genkit.distill.train import DistillRecipe, distill
+from genkit.runtime import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "distill"
@@ -195,7 +196,7 @@ def main():
                "invocations": runs_info, "results": {**prev.get("results", {}), **results}}
     results = payload["results"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1, default=str))
+    atomic_write_text(args.out, json.dumps(payload, indent=1, default=str))  # a reader never sees half a file
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -111,6 +111,7 @@ def train_job(task: str, seed: int, recipe: dict, models: Path = MODELS) -> dict
     torch.set_num_threads(1)
     from genkit import config as C
     from genkit.dllm.train import DLLMRecipe, train_dllm
+    from genkit.runtime import atomic_write_text
 
     folder = models / f"{task}-s{seed}"
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -124,7 +125,7 @@ def train_job(task: str, seed: int, recipe: dict, models: Path = MODELS) -> dict
 
         shutil.rmtree(folder)  # the recipe changed: retrain from scratch
     folder.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"key": key, "recipe": recipe}, indent=1))
+    atomic_write_text(stamp, json.dumps({"key": key, "recipe": recipe}, indent=1))
     cfg = C.load(DLLMRecipe, None, overrides(recipe))
     m = train_dllm(cfg, folder, quiet=True)
     return {"task": task, "seed": seed, "reused": False, **m}
