@@ -1,6 +1,6 @@
 """Accuracy vs forward passes and wall-clock of dLLM decoders on tiny models trained by genkit.
 
-    python benchmarks/dllm_tradeoff.py                        # 3 tasks x 3 seeds (about 90 min on 2 idle cores)
+    python benchmarks/dllm_tradeoff.py                        # 3 tasks x 3 seeds (about 2 hours on 2 idle cores)
     python benchmarks/dllm_tradeoff.py --seeds 0 --n-test 48  # a reduced run
     python benchmarks/dllm_tradeoff.py --quick                # smoke test (minutes; numbers meaningless)
 
@@ -24,8 +24,8 @@ Writes benchmarks/results/dllm_tradeoff.json (every run, the mean over seeds, an
 and dllm_tradeoff.png (accuracy vs mean NFE, and vs wall-clock seconds per test set).
 
 Work runs in `--workers` processes with one thread each (default 2); the wall-clock figures are per test
-set inside a worker, and WINO / WINO-cache are timed back to back in the same worker, so machine load hits
-both alike (the cache speed-up is their ratio).
+set inside a worker (the fastest of `--time-repeats` decodes, default 3), and WINO / WINO-cache are timed back
+to back in the same worker, so machine load hits both alike (the cache speed-up is their ratio).
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ TASKS = {
     # peak lr 1e-3 with 200 warm-up steps: at 3e-3 / 50, seed 1 stuck at loss ~0.75 and never solved a
     # puzzle (seeds 0 and 2 reached 0.07); at 1e-3 / 200 seed 1 is at 0.05 after 1,550 steps
     "sudoku-pack": {"data.task": "sudoku-pack", "data.options": {"layout": "grid", "puzzles": 4},
-                    "train.steps": 6000, "train.lr": 1e-3, "train.warmup_steps": 200},
+                    "train.steps": 6000, "train.lr": 1e-3, "train.warmup_steps": 200,
+                    # the cache phase of long-add (below); without it the block-start cache lost 5.2 points
+                    "train.prefix_cache": 0.5, "train.prefix_cache_after": 0.6},
     # 20-40-digit operands, right-aligned in 40 columns; 41-character sum
     # 6000 steps: the model sits at chance (loss ~1.6) until a sudden drop (at ~1,750 steps in a 6000-step
     # cosine schedule); a 3000-step schedule decays the learning rate before it and never learns the sum.
@@ -68,8 +70,10 @@ TASKS = {
     # prompt's entries); with it 92% / 91% (tau1 0.6). From step 0 on, seed 1 never left chance in 6000 steps.
     "long-add": {"data.task": "long-add", "train.steps": 6000, "train.prefix_cache": 0.5,
                  "train.prefix_cache_after": 0.6},
-    # reasoning-gym basic_arithmetic (two terms of 1-2 digits, + and -), graded by its own scorer
-    "basic_arithmetic": {"data.task": "basic_arithmetic", "train.steps": 3000},
+    # reasoning-gym basic_arithmetic (two terms of 1-2 digits, + and -), graded by its own scorer. 20000 steps at
+    # 1e-3 / 200: seed 0 94.7% (WINO tau1 0.6); 3000 steps at 3e-3 / 50: 7%, 6000 at 1e-3 / 200: 9% (off by a digit)
+    "basic_arithmetic": {"data.task": "basic_arithmetic", "train.steps": 20000, "train.lr": 1e-3,
+                         "train.warmup_steps": 200},
 }
 LONG = ("sudoku-pack", "long-add")
 
@@ -152,8 +156,12 @@ def sweep_configs(G: int, quick: bool) -> list[tuple[str, str, float, dict]]:
 
 
 def sweep_job(task: str, seed: int, n_test: int, batch_size: int, quick: bool, models: Path = MODELS,
-              fresh: bool = False) -> list[dict]:
+              fresh: bool = False, repeats: int = 3) -> list[dict]:
     """Every decoder setting on one model's test rows; wino and wino-cache are timed back to back.
+
+    Each setting decodes the test rows `repeats` times and reports the fastest wall-clock (as `timeit` does:
+    a test set takes 2-6 s, so one timing moves by up to 40% with the machine's load); greedy decoding gives
+    the same records every time, and the records of the first run are kept.
 
     The result is kept in the model folder (sweep.json) and reused by a rerun with the same model, test rows
     and sweep, unless `fresh`.
@@ -172,7 +180,8 @@ def sweep_job(task: str, seed: int, n_test: int, batch_size: int, quick: bool, m
     G = int(info["gen_length"])
     configs = sweep_configs(G, quick)
     stamp = json.loads((folder / "recipe.json").read_text())["key"]
-    key = hashlib.sha1(json.dumps([stamp, len(rows), batch_size, configs], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([stamp, len(rows), batch_size, configs] + ([repeats] if repeats != 1 else []),
+                                  sort_keys=True).encode()).hexdigest()[:12]
     cache = folder / "sweep.json"
     if cache.is_file() and not fresh:
         old = json.loads(cache.read_text())
@@ -182,14 +191,19 @@ def sweep_job(task: str, seed: int, n_test: int, batch_size: int, quick: bool, m
     for family, knob, value, settings in configs:
         dcfg = C.load(DecodeConfig, base={**settings, "gen_length": G, "block_length": G, "batch_size": batch_size})
         knobs = resolve_knobs(dcfg, info)
-        t0 = time.perf_counter()
-        recs = decode_rows(model, tok, rows, dcfg, knobs)
-        wall = time.perf_counter() - t0
+        times = []
+        for i in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            again = decode_rows(model, tok, rows, dcfg, knobs)
+            times.append(time.perf_counter() - t0)
+            if i == 0:
+                recs = again
+        wall = min(times)
         m = summarise(recs, wall, G)
         out.append({"task": task, "seed": seed, "family": family, "knob": knob, "value": value,
                     "settings": {k: v for k, v in settings.items()}, "accuracy": m["accuracy"],
                     "mean_nfe": m["mean_nfe"], "wall_seconds": wall, "tokens_per_second": m["tokens_per_second"],
-                    "mean_remasked": m["mean_remasked"], "n": m["n_graded"],
+                    "mean_remasked": m["mean_remasked"], "n": m["n_graded"], "wall_seconds_runs": times,
                     **{k: m[k] for k in ("mean_puzzles_valid", "mean_digits_correct", "mean_score") if k in m}})
     atomic_write_json(cache, {"key": key, "runs": out, "load_average": os.getloadavg()})
     return out
@@ -301,11 +315,15 @@ def claims(agg: dict) -> dict:
             rows = {t: {"speedup": w[t]["wall_seconds"] / c[t]["wall_seconds"],
                         "accuracy_difference_points": c[t]["accuracy"] - w[t]["accuracy"],
                         "met": w[t]["wall_seconds"] / c[t]["wall_seconds"] >= 1.3
-                        and abs(c[t]["accuracy"] - w[t]["accuracy"]) <= 0.5} for t in w if t in c}
+                        and abs(c[t]["accuracy"] - w[t]["accuracy"]) <= 0.5,
+                        # the verdict above is two-sided; this one only asks that the cache lose <= 0.5 points
+                        "met_one_sided": w[t]["wall_seconds"] / c[t]["wall_seconds"] >= 1.3
+                        and c[t]["accuracy"] - w[t]["accuracy"] >= -0.5} for t in w if t in c}
             if not rows:
                 continue
             entry = {**rows, "met_all_tau1": all(r["met"] for t, r in rows.items() if t in TAU1S),
-                     "met_at_tau1": sorted(t for t, r in rows.items() if r["met"])}
+                     "met_at_tau1": sorted(t for t, r in rows.items() if r["met"]),
+                     "met_one_sided_at_tau1": sorted(t for t, r in rows.items() if r["met_one_sided"])}
             if fam == "wino-cache":
                 c5.setdefault(task, {}).update(entry)
             else:
@@ -381,6 +399,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/"
                     "dllm_tradeoff.json; _quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny models and a small sweep (smoke test)")
+    ap.add_argument("--time-repeats", type=int, default=3, help="decode each setting this many times and "
+                    "report the fastest wall-clock (1: a single timing)")
     ap.add_argument("--fresh-sweeps", action="store_true", help="decode again even where a model folder holds "
                     "the results of the same sweep (sweep.json)")
     args = ap.parse_args(argv)
@@ -413,7 +433,8 @@ def main(argv=None) -> int:
                 trained.append(m)
                 print(f"[{time.time() - t0:6.0f}s] model {t}-s{s}: {m['steps']} steps, {m['params']} params, "
                       f"{m['train_seconds']:.0f} s{' (reused)' if m['reused'] else ''}", flush=True)
-                fut = ex.submit(sweep_job, t, s, args.n_test, args.batch_size, args.quick, models, args.fresh_sweeps)
+                fut = ex.submit(sweep_job, t, s, args.n_test, args.batch_size, args.quick, models, args.fresh_sweeps,
+                                args.time_repeats)
                 pending[fut] = ("sweep", t, s)
             else:
                 rs = done.result()
@@ -426,6 +447,7 @@ def main(argv=None) -> int:
     result = {"command": "python benchmarks/dllm_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "settings": {"tasks": args.tasks, "seeds": per_task, "n_test": args.n_test, "n_train": args.n_train,
                            "batch_size": args.batch_size, "workers": args.workers, "quick": args.quick,
+                           "time_repeats": args.time_repeats,
                            "arch": ARCH, "train": TRAIN, "task_recipes": TASKS,
                            "sweep": {"k": K_STEPS, "tau": TAUS, "tau1": TAU1S, "tau1_extended": TAU1S_EXT,
                                      "dream": DREAM}},
