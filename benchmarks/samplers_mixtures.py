@@ -25,7 +25,7 @@ import torch
 from genkit.eval.mixture import mean_log_density, mode_tv, reference_mode_masses, sliced_w2
 from genkit.models.denoisers import NFECounter, load_denoiser
 from genkit.samplers import MIN_NFE, SAMPLERS, sigmas_for_nfe
-from genkit.runtime import atomic_write_text
+from genkit.runtime import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 NFES = [3, 5, 7, 10, 15, 20, 35]
@@ -54,7 +54,7 @@ def main():
     torch.set_num_threads(1)
     payload = run(1000 if args.quick else args.n, args.seed, [5, 10] if args.quick else NFES)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(payload, indent=1))
+    atomic_write_json(args.out, payload)
     plot(payload, args.out.with_suffix(".png"))
     print(json.dumps(payload["verdict"], indent=1))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from genkit.data.images import load_images  # noqa: E402
 from genkit.eval.features import ASSETS, Classifier, ClassifierConfig, SHORT_NAMES, save_classifier  # noqa: E402
-from genkit.runtime import atomic_write_text  # noqa: E402
+from genkit.runtime import atomic_write_json  # noqa: E402
 
 # source -> (architecture, epochs, batch size, peak lr, max shift in pixels)
 RECIPES = {
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         print(json.dumps(figures), flush=True)
         results[source] = figures
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        atomic_write_json(args.json, results)
     return 0
 
 
