@@ -1,6 +1,6 @@
 """One-step distillation with SiD / SiDA / SiD-LSG, side by side with the teachers it distills.
 
-    python benchmarks/distill.py                     # everything (about 40 min on 2 CPU cores)
+    python benchmarks/distill.py                     # everything (about 3.5 hours on 2 CPU cores from scratch)
     python benchmarks/distill.py --parts mixture     # only the 2-D mixture parts (about 15 min)
     python benchmarks/distill.py --quick             # smoke run (tiny budgets, numbers meaningless)
 
@@ -14,7 +14,8 @@ Parts (each a ``genkit distill`` run through ``genkit.distill.train.distill``; r
   from the same teacher without real data; target: SiDA's one-step sliced W2 below the teacher's own 35-NFE Heun.
 - ``digits``: SiD on the unconditional digits teacher (recipes/distill/sid-digits.yaml): one-step fd-digits
   vs the teacher's 35-NFE Heun (target <= 1.2x) and 1-step Euler, label entropy (target within 1%).
-- ``mnist``: the same on an MNIST-5k teacher when one exists (``--mnist-teacher``; skipped otherwise).
+- ``mnist``: the same on the MNIST-5k teacher of recipes/train-diffusion/edm-mnist5k-cpu.yaml when it exists
+  (``--mnist-teacher``; skipped otherwise) with recipes/distill/sid-mnist5k.yaml (fd-mnist; about 75 min on 2 cores).
 - ``lsg``: SiD-LSG on the class-conditional digits teacher with kappa_1 = kappa_2 = kappa_4 = kappa in
   {1, 1.5, 2, 3}: class accuracy (alignment) and fd-digits of the one-step generator and of the teacher's
   guided 35-NFE Heun at the same kappa (the analogue of the paper's FID/CLIP table).
@@ -120,8 +121,9 @@ def sida_part(runs, quick) -> dict:
 
 def image_part(name, recipe, teacher_path, runs, quick, source_key) -> dict:
     if not Path(teacher_path).exists():
+        recipe_name = "edm-digits.yaml" if source_key == "digits" else "edm-mnist5k-cpu.yaml"
         return {"skipped": f"teacher {teacher_path} does not exist (train it: genkit train-diffusion "
-                           f"recipes/train-diffusion/edm-{source_key}.yaml --out {teacher_path})"}
+                           f"recipes/train-diffusion/{recipe_name} --out {teacher_path})"}
     m = run(name, recipe, [f"teacher={teacher_path}"], runs, quick)
     fd_key = "fd-digits" if source_key == "digits" else "fd-mnist"
     ent_key = fd_key.replace("fd-", "label_entropy-")
