@@ -119,11 +119,10 @@ def sida_part(runs, quick) -> dict:
     return res
 
 
-def image_part(name, recipe, teacher_path, runs, quick, source_key) -> dict:
+def image_part(name, recipe, teacher_recipe, teacher_path, runs, quick, source_key) -> dict:
     if not Path(teacher_path).exists():
-        recipe_name = "edm-digits.yaml" if source_key == "digits" else "edm-mnist5k-cpu.yaml"
         return {"skipped": f"teacher {teacher_path} does not exist (train it: genkit train-diffusion "
-                           f"recipes/train-diffusion/{recipe_name} --out {teacher_path})"}
+                           f"recipes/train-diffusion/{teacher_recipe} --out {teacher_path})"}
     m = run(name, recipe, [f"teacher={teacher_path}"], runs, quick)
     fd_key = "fd-digits" if source_key == "digits" else "fd-mnist"
     ent_key = fd_key.replace("fd-", "label_entropy-")
@@ -180,11 +179,11 @@ def main():
         elif part == "sida":
             results[part] = sida_part(args.runs, args.quick)
         elif part == "digits":
-            results[part] = image_part("digits-sid", "sid-digits.yaml", args.digits_teacher, args.runs, args.quick,
-                                       "digits")
+            results[part] = image_part("digits-sid", "sid-digits.yaml", "edm-digits.yaml", args.digits_teacher,
+                                       args.runs, args.quick, "digits")
         elif part == "mnist":
-            results[part] = image_part("mnist5k-sid", "sid-mnist5k.yaml", args.mnist_teacher, args.runs, args.quick,
-                                       "mnist5k")
+            results[part] = image_part("mnist5k-sid", "sid-mnist5k.yaml", "edm-mnist5k-cpu.yaml",
+                                       args.mnist_teacher, args.runs, args.quick, "mnist5k")
         elif part == "lsg":
             results[part] = lsg_part(args.digits_cond_teacher, args.runs, args.quick)
         results[part]["part_seconds"] = round(time.time() - t0, 1)
