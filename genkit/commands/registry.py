@@ -49,11 +49,18 @@ def _distill(path):
     return C.load(DistillRecipe, path)
 
 
+def _train_ae(path):
+    from genkit.ae.train import AERecipe
+
+    return C.load(AERecipe, path)
+
+
 # recipes/<folder> -> loader(path) that raises ConfigError on a bad recipe
 RECIPE_CONFIGS = {
     "train-dllm": _train_dllm,
     "decode": _decode,
     "train-flow": _flow,
+    "train-ae": _train_ae,
     "mixtures": _mixture,
     "train-diffusion": _diffusion,
     "recaption": _recaption,

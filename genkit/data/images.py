@@ -60,6 +60,24 @@ class ImageData:
         lab = self.labels[idx] if self.labels is not None else None
         return ImageData(self.ints[idx], lab, self.levels, self.num_classes, self.name, self.class_names)
 
+    def padded(self, size: int) -> "ImageData":
+        """Images centred on a ``size`` x ``size`` canvas of level 0 (the background of the digit sources), e.g.
+        MNIST 28 -> 32 so that an autoencoder with 2^k downsampling fits; ``crop_to`` undoes it."""
+        h, w = self.shape[1:]
+        if size < max(h, w) or (size - h) % 2 or (size - w) % 2:
+            raise ConfigError(f"data.pad_to: cannot centre {h}x{w} images on a {size}x{size} canvas "
+                              "(need a size >= the image with an even margin)")
+        top, left = (size - h) // 2, (size - w) // 2
+        ints = torch.nn.functional.pad(self.ints, (left, size - w - left, top, size - h - top), value=0)
+        return ImageData(ints, self.labels, self.levels, self.num_classes, self.name, self.class_names)
+
+
+def crop_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre ``size`` x ``size`` crop of (N, C, H, W) images (undoes ``ImageData.padded``)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
 
 def _split(n: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)

@@ -106,6 +106,92 @@ def _layer_norm(norm: nn.LayerNorm, x):
     return F.layer_norm(_up(x), norm.normalized_shape, w, b, norm.eps).type(x.dtype)  # (B, T, C)
 
 
+# -- STARFlow switches on the shared block -----------------------------------------------------------------------
+# STARFlow (Gu et al., arXiv 2506.06276; official apple/ml-starflow `transformer_flow.py`) keeps TarFlow's block and
+# turns on a few options of the official `MetaBlock`; genkit.flows.starflow builds its model from these switches.
+# With every switch off the block is exactly TarFlow's (tests/flows/test_tarflow.py::test_parity_with_official_code).
+INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(a + log(e - 1)) = 1 at a = 0 (official INV_SOFTPLUS_1)
+
+
+@dataclass(frozen=True)
+class BlockSwitches:
+    """The official STARFlow `MetaBlock` options (flag names in brackets); all off = TarFlow."""
+
+    sos: bool = False  # learned start token in front of the sequence, so token 0 is transformed too [use_sos]
+    softplus: bool = False  # scale sigma = softplus(a + log(e - 1)) instead of exp(alpha) [use_softplus]
+    soft_clip: float = 0.0  # outputs (a, mu) soft-clipped to c * tanh(. / c); official 4 [soft_clip]
+    final_norm: bool = False  # RMSNorm (unit offset, zero-initialised gain) before proj_out [use_final_norm]
+    rope: bool = False  # rotary positions instead of the learned pos_embed [rope]
+    rope_text: bool = False  # the model is text-conditioned: RoPE keeps 8 frequency pairs for the text axis
+    txt_dim: int = 0  # text hidden states (B, L, txt_dim) are projected and prepended to the sequence [txt_dim]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), w initialised to 0, computed in fp32 (official `RMSNorm`, add_unit_offset=True)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        h = _up(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1 + _up(self.weight))).type(x.dtype)
+
+
+def rope_angles(head_dim: int, side: int, image_pos, text_pos=None, text_len: int = 0, with_text: bool = False):
+    """Rotation angles (S, head_dim / 2), one per pair of channels, of the official `VisionRotaryEmbeddingFast`
+    (misc/pe.py) with `get_positions(..., mode='3d')`: image token at raster index p sits at (row, col) = divmod(p,
+    side) and rotates its first pairs by row * f_i and col * f_i, f_i = 10000^(-2i / d), d = head_dim / 2 (minus 8
+    when the model is text-conditioned); with text the last 8 pairs rotate by the text axis, 10000^(-j / 8),
+    where text token l sits at l / text_len * side and image tokens at 0. `image_pos`, `text_pos`: index tensors."""
+    d = head_dim // 2 - (8 if with_text else 0)
+    freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d / 2,)
+    rows, cols = (torch.div(image_pos, side, rounding_mode="floor").double(), (image_pos % side).double())
+    parts = [rows[:, None] * freqs, cols[:, None] * freqs]
+    if with_text:
+        freqs2 = 10000.0 ** (-torch.arange(8, dtype=torch.float64) / 8)  # (8,)
+        parts.append(torch.zeros(len(image_pos), 8, dtype=torch.float64))
+        img = torch.cat(parts, -1)  # (S_img, head_dim / 2)
+        if text_pos is None or len(text_pos) == 0:
+            return img.float()
+        t = text_pos.double() / max(text_len, 1) * side
+        txt = torch.cat([torch.zeros(len(t), d), t[:, None] * freqs2], -1)  # (L, head_dim / 2)
+        return torch.cat([txt, img]).float()
+    return torch.cat(parts, -1).float()
+
+
+def apply_rope(x, angles):
+    """Rotate interleaved channel pairs (x_2i, x_2i+1) of x (B, H, S, hd) by angles (S, hd / 2) (official
+    `apply_rope` with `rotate_half` on '(d r)' pairs)."""
+    a = angles.to(x.device)
+    cos, sin = a.cos().to(x.dtype), a.sin().to(x.dtype)  # (S, hd / 2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, S, hd / 2)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)  # (B, H, S, hd)
+
+
+def guide(log_sigma, mu, log_sigma_u, mu_u, w: float, kind: str = "tarflow", guide_what: str = "ab"):
+    """Classifier-free guidance of one autoregressive step x = z * sigma + mu; returns (log_sigma, mu).
+
+    kind="tarflow" (TarFlow paper §2, official ml-tarflow `MetaBlock.reverse`): extrapolate the log-scale and the
+    shift, alpha + w (alpha - alpha_u), mu + w (mu - mu_u), for the letters of `guide_what`.
+    kind="starflow" (STARFlow guidance; official ml-starflow `MetaBlock.guidance.logits_guided`): sample the
+    Gaussian proportional to N(mu_c, sigma_c)^(1+w) / N(mu_u, sigma_u)^w with the unconditional precision capped
+    at the conditional one, s = min(sigma_c / sigma_u, 1)^2,
+        sigma~ = sigma_c / sqrt(1 + w - w s),   mu~ = ((1 + w) mu_c - w s mu_u) / (1 + w - w s),
+    which equals ordinary CFG on mu when sigma_c = sigma_u and stays finite for any w >= 0 (1 + w - w s >= 1)."""
+    if kind == "starflow":
+        s = torch.exp(2 * (log_sigma - log_sigma_u).clamp(max=0.0))  # min(sigma_c / sigma_u, 1)^2
+        denom = 1 + w - w * s
+        return log_sigma - 0.5 * torch.log(denom), ((1 + w) * mu - w * s * mu_u) / denom
+    if "a" in guide_what:
+        log_sigma = log_sigma + w * (log_sigma - log_sigma_u)
+    if "b" in guide_what:
+        mu = mu + w * (mu - mu_u)
+    return log_sigma, mu
+
+
 class Attention(nn.Module):
     """Pre-norm multi-head attention with an optional KV cache. `temp` divides the logits: the attention
     temperature of the unconditional guidance (paper §2, "Guidance")."""
@@ -118,10 +204,12 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = dim // head_dim, head_dim
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, temp: float = 1.0, cache: dict | None = None):
+    def forward(self, x, mask=None, temp: float = 1.0, cache: dict | None = None, angles=None):
         B, T, C = x.shape
         h = _layer_norm(self.norm, x)  # (B, T, C)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(h).split(C, -1))
+        if angles is not None:  # RoPE (STARFlow switch): rotate the queries and the new keys by their positions
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
         if cache is not None:  # append this step's keys/values to those of the earlier tokens
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, S, hd)
@@ -150,8 +238,8 @@ class AttentionBlock(nn.Module):
         self.mlp = MLP(dim, expansion)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, temp: float = 1.0, cache: dict | None = None):
-        x = x + self.attention(x, mask, temp, cache)  # (B, T, C)
+    def forward(self, x, mask=None, temp: float = 1.0, cache: dict | None = None, angles=None):
+        x = x + self.attention(x, mask, temp, cache, angles)  # (B, T, C)
         return x + self.drop(self.mlp(x))  # (B, T, C)
 
 
@@ -161,19 +249,32 @@ class MetaBlock(nn.Module):
     If `flip`, the block reverses the token order on the way in and restores it on the way out (the official
     `PermutationFlip`, used by every odd block), so every block maps tokens in natural order to tokens in
     natural order, and the composition of the blocks is never left flipped. The learned positional embedding
-    is flipped with the tokens, so each embedding stays tied to its image location."""
+    is flipped with the tokens, so each embedding stays tied to its image location.
 
-    def __init__(self, cfg: TarFlowConfig, flip: bool):
+    `switches` (STARFlow, see `BlockSwitches`) change the block the way the official STARFlow `MetaBlock` does:
+    a learned start token (`sos`: the sequence fed to the Transformer is [sos, x_0, ..., x_{T-2}], row t predicts
+    token t, no zero shift), sigma = softplus(a + log(e - 1)) (`softplus`), c tanh(out / c) on the output
+    projection (`soft_clip`), an RMSNorm before it (`final_norm`), rotary positions in place of `pos_embed`
+    (`rope`; positions are those of the sequence index, unflipped, as in the official code), and text hidden
+    states projected by `proj_txt` and prepended to the causal sequence (`txt_dim`; their outputs are dropped).
+    `predict` returns the log-scale log(sigma) (TarFlow's alpha) and mu in both parameterisations."""
+
+    def __init__(self, cfg: TarFlowConfig, flip: bool, switches: BlockSwitches = BlockSwitches()):
         super().__init__()
         C, D, T = cfg.channels_model, cfg.token_dim, cfg.num_patches
-        self.flip = flip
+        self.flip, self.sw = flip, switches
+        self.side, self.head_dim = int(round(math.sqrt(T))), cfg.head_dim
         self.proj_in = nn.Linear(D, C)
-        self.pos_embed = nn.Parameter(torch.randn(T, C) * 1e-2)  # (T, C)
+        # rope replaces the learned positions (official: pos_embed is None with use_rope)
+        self.pos_embed = None if switches.rope else nn.Parameter(torch.randn(T, C) * 1e-2)  # (T, C)
+        self.sos_embed = nn.Parameter(torch.randn(1, 1, D)) if switches.sos else None  # official init: randn
+        self.proj_txt = nn.Linear(switches.txt_dim, C) if switches.txt_dim else None
         # K embeddings; the null label uses their mean (official code), so no (K+1)-th row.
         self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, C) * 1e-2) if cfg.num_classes else None
         self.attn_blocks = nn.ModuleList(
             AttentionBlock(C, cfg.head_dim, cfg.expansion, cfg.dropout) for _ in range(cfg.layers_per_block)
         )
+        self.final_norm = RMSNorm(C) if switches.final_norm else None
         self.nvp = cfg.nvp
         self.proj_out = nn.Linear(C, 2 * D if cfg.nvp else D)  # (alpha, mu) or mu only
         # The official code zeroes only the weight and keeps PyTorch's random bias, so its flow starts as a
@@ -196,56 +297,109 @@ class MetaBlock(nn.Module):
         emb = self.class_embed[torch.where(is_null, 0, y)]  # (B, 1, C)
         return torch.where(is_null.view(-1, 1, 1), null, emb)  # (B, 1, C)
 
-    def predict(self, x, pos, y, mask=None, temp: float = 1.0, caches=None):
-        """Transformer on (permuted) tokens x (B, S, D) at positions pos (S, C): returns alpha, mu (B, S, D),
-        where row s is computed from tokens <= s (the caller shifts it to predict token s+1)."""
-        h = self.proj_in(x) + pos + self.class_embedding(y)  # (B, S, C)
+    def angles(self, start: int, stop: int, text_len: int = 0):
+        """RoPE angles of sequence positions start..stop-1, preceded by `text_len` text positions; None if off."""
+        if not self.sw.rope:
+            return None
+        return rope_angles(self.head_dim, self.side, torch.arange(start, stop),
+                           torch.arange(text_len) if text_len else None, text_len, self.sw.rope_text)
+
+    def predict(self, x, pos, y, mask=None, temp: float = 1.0, caches=None, txt=None, angles=None):
+        """Transformer on (permuted) tokens x (B, S, D) at positions pos (S, C) (None with rope): returns the
+        log-scale and mu (B, S, D), where row s is computed from tokens <= s (and the text states `txt` (B, L, E)
+        prepended when given); without the start token the caller shifts row s to predict token s+1."""
+        h = self.proj_in(x) + self.class_embedding(y)  # (B, S, C)
+        if pos is not None:
+            h = h + pos
+        n_txt = 0
+        if txt is not None:  # official: text tokens go first in the causal sequence of every layer
+            n_txt = txt.shape[1]
+            h = torch.cat([self.proj_txt(txt.to(h.dtype)), h], dim=1)  # (B, L + S, C)
         for i, layer in enumerate(self.attn_blocks):
-            h = layer(h, mask, temp, None if caches is None else caches[i])  # (B, S, C)
+            h = layer(h, mask, temp, None if caches is None else caches[i], angles)  # (B, L + S, C)
+        h = h[:, n_txt:]  # (B, S, C)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
         out = self.proj_out(h)  # (B, S, 2D) or (B, S, D)
+        if self.sw.soft_clip > 0:  # official `get_proj_out`: c * tanh(out / c) on both halves
+            out = self.sw.soft_clip * torch.tanh(out / self.sw.soft_clip)
         if not self.nvp:
             return torch.zeros_like(out), out
         alpha, mu = out.chunk(2, dim=-1)  # official order: first half alpha ("xa"), second half mu ("xb")
+        if self.sw.softplus:  # sigma = softplus(a + log(e - 1)); returned as log(sigma), in fp32
+            alpha = torch.log(F.softplus(_up(alpha) + INV_SOFTPLUS_1))
         return alpha, mu
 
-    def forward(self, x, y=None):
+    def prefill(self, txt, caches, temp: float = 1.0):
+        """Run the text states through the layers once to fill the KV caches (official `reverse_step_condition`)."""
+        h = self.proj_txt(txt.to(self.proj_in.weight.dtype))  # (B, L, C)
+        L = h.shape[1]
+        mask = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
+        for i, layer in enumerate(self.attn_blocks):
+            h = layer(h, mask, temp, caches[i], self.angles(0, 0, L))
+
+    def _inputs(self, x):
+        """The sequence the Transformer reads: [sos, x_0 .. x_{T-2}] with the start token, else x itself."""
+        if self.sos_embed is None:
+            return x
+        return torch.cat([self.sos_embed.expand(x.shape[0], -1, -1).to(x.dtype), x[:, :-1]], dim=1)  # (B, T, D)
+
+    def forward(self, x, y=None, txt=None):
         """x (B, T, D) -> z (B, T, D), logdet (B,) = -sum of alpha over tokens and dims."""
         x = self.permute(x)  # (B, T, D)
-        alpha, mu = self.predict(x, self.permute(self.pos_embed, 0), y, self.attn_mask)  # (B, T, D) each
-        # Shift by one token: row t predicts token t+1, token 0 gets (alpha, mu) = 0 and passes through.
-        alpha = torch.cat([torch.zeros_like(alpha[:, :1]), alpha[:, :-1]], dim=1)  # (B, T, D)
-        mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)  # (B, T, D)
+        T = x.shape[1]
+        L = 0 if txt is None else txt.shape[1]
+        mask = self.attn_mask if L == 0 else torch.ones(L + T, L + T, dtype=torch.bool, device=x.device).tril()
+        pos = None if self.pos_embed is None else self.permute(self.pos_embed, 0)
+        alpha, mu = self.predict(self._inputs(x), pos, y, mask, txt=txt, angles=self.angles(0, T, L))  # (B, T, D)
+        if self.sos_embed is None:
+            # Shift by one token: row t predicts token t+1, token 0 gets (alpha, mu) = 0 and passes through.
+            alpha = torch.cat([torch.zeros_like(alpha[:, :1]), alpha[:, :-1]], dim=1)  # (B, T, D)
+            mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)  # (B, T, D)
         z = (x - mu) * torch.exp(-_up(alpha)).type(x.dtype)  # (B, T, D)
         # Official: -alpha.mean(dim=[1, 2]) per block (a per-dimension log-det); genkit sums instead.
         return self.permute(z), -_up(alpha).sum(dim=(1, 2))  # (B, T, D), (B,)
 
     def reverse(self, z, y=None, guidance=0.0, guide_what="ab", attn_temp=1.0, annealed_guidance=False,
-                use_cache=True):
-        """Invert `forward` token by token: x_0 = z_0, x_{t+1} = z_{t+1} * exp(alpha_t) + mu_t."""
+                use_cache=True, *, txt=None, txt_null=None, guidance_kind="tarflow"):
+        """Invert `forward` token by token: x_0 = z_0, x_{t+1} = z_{t+1} * exp(alpha_t) + mu_t (with the start
+        token every x_t, t >= 0, is transformed). Guidance: see `guide`; the unconditional pass uses the null
+        label (class models) or the text states `txt_null` (of the empty caption) and attention temperature
+        `attn_temp`."""
         x = self.permute(z).clone()  # (B, T, D), filled in place
-        pos = self.permute(self.pos_embed, 0)  # (T, C)
-        T = x.shape[1]
-        guided = guidance != 0 and bool(guide_what)
-        n = len(self.attn_blocks)
+        pos = None if self.pos_embed is None else self.permute(self.pos_embed, 0)  # (T, C)
+        B, T, D = x.shape
+        guided = guidance != 0 and (bool(guide_what) or guidance_kind == "starflow")
+        if guided and txt is not None and txt_null is None:
+            raise ValueError("text guidance needs txt_null, the states of the empty caption")
+        n, L = len(self.attn_blocks), 0 if txt is None else txt.shape[1]
+        first = 0 if self.sos_embed is not None else 1  # first token the block transforms
         caches = {"cond": [{} for _ in range(n)], "uncond": [{} for _ in range(n)]} if use_cache else None
+        if use_cache and txt is not None:
+            self.prefill(txt, caches["cond"])
+            if guided:
+                self.prefill(txt_null, caches["uncond"], attn_temp)
 
-        def step(i, labels, temp, which):  # (alpha, mu) for token i+1, each (B, D)
-            if use_cache:  # feed only token i; earlier keys/values come from the cache
-                a, m = self.predict(x[:, i : i + 1], pos[i : i + 1], labels, None, temp, caches[which])
-            else:  # recompute the whole prefix 0..i under the causal mask
-                a, m = self.predict(x[:, : i + 1], pos[: i + 1], labels, self.attn_mask[: i + 1, : i + 1], temp)
+        def step(p, labels, text, temp, which):  # (log-scale, mu) of token p + first, each (B, D)
+            if use_cache:  # feed only the token at sequence position p; the rest comes from the cache
+                fed = self._inputs(x[:, : p + 1])[:, p : p + 1] if first == 0 else x[:, p : p + 1]
+                a, m = self.predict(fed, None if pos is None else pos[p : p + 1], labels, None, temp, caches[which],
+                                    angles=self.angles(p, p + 1))
+            else:  # recompute the whole prefix 0..p under the causal mask
+                mask = torch.ones(L + p + 1, L + p + 1, dtype=torch.bool, device=x.device).tril()
+                seq = self._inputs(x[:, : p + 1]) if first == 0 else x[:, : p + 1]
+                a, m = self.predict(seq, None if pos is None else pos[: p + 1], labels, mask, temp, txt=text,
+                                    angles=self.angles(0, p + 1, L))
             return a[:, -1], m[:, -1]
 
-        for i in range(T - 1):
-            alpha, mu = step(i, y, 1.0, "cond")  # (B, D) each
+        for t in range(first, T):
+            p = t - first  # sequence position of the token fed to predict token t
+            alpha, mu = step(p, y, txt, 1.0, "cond")  # (B, D) each
             if guided:  # classifier-free guidance, official `MetaBlock.reverse`
-                alpha_u, mu_u = step(i, None, attn_temp, "uncond")  # null label and attention temperature
-                g = guidance * (i + 1) / (T - 1) if annealed_guidance else guidance
-                if "a" in guide_what:
-                    alpha = alpha + g * (alpha - alpha_u)
-                if "b" in guide_what:
-                    mu = mu + g * (mu - mu_u)
-            x[:, i + 1] = x[:, i + 1] * torch.exp(_up(alpha)).type(x.dtype) + mu  # (B, D)
+                alpha_u, mu_u = step(p, None, txt_null, attn_temp, "uncond")  # null label and temperature
+                g = guidance * (p + 1) / (T - first) if annealed_guidance else guidance
+                alpha, mu = guide(alpha, mu, alpha_u, mu_u, g, guidance_kind, guide_what)
+            x[:, t] = x[:, t] * torch.exp(_up(alpha)).type(x.dtype) + mu  # (B, D)
         return self.permute(x)  # (B, T, D)
 
 
