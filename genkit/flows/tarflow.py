@@ -522,16 +522,18 @@ def drop_labels(y, p: float, num_classes: int, generator=None):
     return torch.where(drop, torch.full_like(y, num_classes), y)  # (B,)
 
 
-def denoise(model: TarFlow, x, y=None, sigma: float | None = None, *, step_scale: float = 1.0):
+def denoise(model: TarFlow, x, y=None, sigma: float | None = None, *, step_scale: float = 1.0, txt=None):
     """Score-based denoising of samples (paper §2, "Denoising"): x + sigma^2 * grad_x log p(x), Tweedie's
     formula for a model trained on data + N(0, sigma^2) noise, with the flow's own exact density. The official
     code (`evaluate_fid.py`, `sample.ipynb`) takes one gradient step on its mean loss with lr = B * N * sigma^2,
     which is the same step; `step_scale` is its `--self_denoising_lr` multiplier. Batched (samples do not
-    interact); works under `no_grad`/`inference_mode`; gradients reach only x, not the weights."""
+    interact); works under `no_grad`/`inference_mode`; gradients reach only x, not the weights. `txt`: the caption
+    states of a text-conditioned STARFlow (which has the same `log_prob`)."""
     if sigma is None:
         raise TypeError("denoise() needs sigma, the std of the Gaussian noise the model was trained with")
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)  # (B, C, H, W); clone also leaves inference mode
         y = None if y is None else y.clone()
-        (score,) = torch.autograd.grad(model.log_prob(x, y).sum(), x)  # (B, C, H, W)
+        lp = model.log_prob(x, y) if txt is None else model.log_prob(x, y, txt)  # (B,)
+        (score,) = torch.autograd.grad(lp.sum(), x)  # (B, C, H, W)
     return (x + step_scale * sigma**2 * score).detach()  # (B, C, H, W)

@@ -1,9 +1,15 @@
 """``genkit train-flow``: maximum-likelihood training of a Transformer autoregressive flow on images.
 
+``model=tarflow`` (arXiv 2412.06329) models pixels; ``model=starflow`` (arXiv 2506.06276) is the deep-shallow
+TarFlow of genkit.flows.starflow, in pixels or in the latent space of a diffusers AutoencoderKL (``latent.ae``),
+conditioned on class labels or on caption states (``text.encoder``) in its deep block, with the official
+training loss plus ``starflow.latent_norm_reg`` (1e-4) x the mean squares of the shallow blocks' outputs
+(official ``--latent_norm_regularization``; the official sum also counts the input latent, a constant).
+
 The loop reads top to bottom: build the runtime and components, then one loop (accumulate, clip, step,
-EMA, log, checkpoint).  Batches, dequantization noise and label drops are functions of (seed, step)
-(``genkit.data.batches``), so a resumed run equals an uninterrupted one and W processes equal one
-process with the same global batch.
+EMA, log, checkpoint).  Batches, dequantization noise, latent samples and noise, label and caption drops are
+functions of (seed, step) (``genkit.data.batches``), so a resumed run equals an uninterrupted one and W
+processes equal one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from genkit.data.config import ImageDataConfig
 from genkit.data.images import ImageData
 from genkit.errors import ConfigError
 from genkit.eval.bpd import bits_per_dim, dequantize
+from genkit.flows.latent import CaptionTable, LatentConfig, TextConfig, latent_inputs, posterior_stats
 from genkit.runtime import EMA, Runtime, RuntimeConfig, atomic_write_json
 from genkit.runtime.checkpoint import save_model_folder
 from genkit.runtime.loop import batch_problems, warmup_cosine_lr
@@ -41,11 +48,30 @@ class TarFlowArch:
 
     patch_size: int = field(2, help="patch side; tokens are C*p*p-dimensional", min=1)
     num_blocks: int = field(4, help="flow blocks (each a causal transformer over the permuted tokens)", min=1)
-    layers_per_block: int = field(2, help="transformer layers per flow block", min=1)
+    layers_per_block: list[int] = field(default_factory=lambda: [2], help="transformer layers per flow block: one "
+                                        "value for every block, or (starflow) one per block, shallow blocks first "
+                                        "and the deep block (next to the prior) last, e.g. [1, 1, 1, 5]; a list "
+                                        "sets the number of blocks")
     width: int = field(128, help="transformer width (channels)", min=8)
     head_dim: int = field(32, help="attention head dimension", min=4)
     expansion: int = field(4, help="MLP expansion ratio", min=1)
     dropout: float = field(0.0, help="dropout in the transformer", min=0.0, max=1.0)
+
+
+@dataclass
+class StarFlowSwitches:
+    """STARFlow's options (arXiv 2506.06276; official t2i config values as defaults); model=starflow only."""
+
+    sos: bool = field(True, help="learned start token: token 0 of every block is transformed too")
+    softplus: bool = field(True, help="scale = softplus(a + log(e - 1)) instead of exp(a)")
+    soft_clip: float = field(4.0, help="soft-clip the block outputs to c tanh(./c) (0 = off)", min=0.0)
+    final_norm: bool = field(True, help="RMSNorm before each block's output projection")
+    rope: bool = field(True, help="rotary positions (2-D; 3-D with text) instead of learned position embeddings")
+    cond_top_only: bool = field(True, help="labels/text and guidance in the deep block only")
+    seq_order: Literal["L2R", "R2L"] = field("L2R", help="L2R: block 0 reads flipped tokens, so the deep block of an "
+                                             "even stack reads them in order (official t2i); R2L: TarFlow's order")
+    latent_norm_reg: float = field(1e-4, help="weight of the mean squared shallow-block outputs in the loss "
+                                   "(official --latent_norm_regularization)", min=0.0)
 
 
 @dataclass
@@ -67,14 +93,24 @@ class FlowEvalConfig:
     eval_every: int = field(0, help="also compute test bits/dim every N steps (0 = only at the end)", min=0)
     samples: int = field(64, help="samples for the final samples.png grid (0 = none)", min=0)
     guidance: float = field(0.0, help="guidance weight of the final samples (CFG or attention temperature)")
+    guidance_kind: Literal["starflow", "tarflow"] = field("starflow", help="starflow: STARFlow's Gaussian guidance "
+                                                          "in the deep block; tarflow: extrapolate log-scale and shift "
+                                                          "(model=tarflow always uses tarflow)")
+    annealed_guidance: bool = field(False, help="scale the guidance weight by (t+1)/T along the tokens (the "
+                                    "official STARFlow code computes this factor but never applies it)")
+    denoise: bool = field(True, help="latent flows: Tweedie-denoise sampled latents before decoding")
 
 
 @dataclass
 class FlowRecipe:
     """Recipe of ``genkit train-flow``."""
 
-    model: Literal["tarflow"] = field("tarflow", help="flow family")
+    model: Literal["tarflow", "starflow"] = field("tarflow", help="flow family: tarflow (pixels) or starflow "
+                                                  "(deep-shallow, latent space and text optional)")
     arch: TarFlowArch = field(default_factory=TarFlowArch, help="architecture")
+    starflow: StarFlowSwitches = field(default_factory=StarFlowSwitches, help="STARFlow options")
+    latent: LatentConfig = field(default_factory=LatentConfig, help="autoencoder latent space (starflow)")
+    text: TextConfig = field(default_factory=TextConfig, help="text conditioning (starflow)")
     data: FlowDataConfig = field(default_factory=FlowDataConfig, help="data")
     train: FlowTrainConfig = field(default_factory=FlowTrainConfig, help="optimisation")
     eval: FlowEvalConfig = field(default_factory=FlowEvalConfig, help="evaluation at the end")
@@ -83,23 +119,154 @@ class FlowRecipe:
     def validate(self) -> list[str]:
         p = []
         p += batch_problems(self.train.batch_size, self.runtime.grad_accum)
+        lpb = self.arch.layers_per_block
+        if not lpb or min(lpb) < 1:
+            p.append(f"arch.layers_per_block: need positive layer counts, got {lpb}")
+        elif len(lpb) > 1 and len(lpb) != self.arch.num_blocks and self.model == "tarflow":
+            p.append(f"arch.layers_per_block: {len(lpb)} values for arch.num_blocks={self.arch.num_blocks}")
+        if self.model == "tarflow":
+            if len(set(lpb)) > 1:
+                p.append("arch.layers_per_block: TarFlow blocks all have the same depth; a deep-shallow list "
+                         "needs model=starflow")
+            if self.latent.ae:
+                p.append("latent.ae: latent spaces need model=starflow")
+            if self.text.encoder:
+                p.append("text.encoder: text conditioning needs model=starflow")
+        if self.text.encoder and self.data.conditional:
+            p.append("text.encoder: a flow is conditioned on text or on class labels (data.conditional), not both")
         return p
 
+    @property
+    def layers(self) -> list[int]:
+        """Layers of every block (a single value repeats over arch.num_blocks, as in the official code)."""
+        lpb = self.arch.layers_per_block
+        return list(lpb) if len(lpb) > 1 else [lpb[0]] * self.arch.num_blocks
 
-def build_flow(cfg: FlowRecipe, shape: tuple[int, int, int], num_classes: int):
+
+def build_flow(cfg: FlowRecipe, shape: tuple[int, int, int], num_classes: int, txt_dim: int = 0):
+    """The untrained flow of the recipe on inputs of ``shape`` (pixels, or latents for a latent STARFlow)."""
+    from genkit.flows.starflow import StarFlow, StarFlowConfig
     from genkit.flows.tarflow import TarFlow, TarFlowConfig
 
     c, h, w = shape
+    where = "latents" if cfg.latent.ae else "images"
     if h != w:
-        raise ConfigError(f"data: TarFlow needs square images, got {h}x{w}: set data.image_size")
+        raise ConfigError(f"data: {cfg.model} needs square {where}, got {h}x{w}: set data.image_size")
     if h % cfg.arch.patch_size:
-        raise ConfigError(f"arch.patch_size: {cfg.arch.patch_size} does not divide the image size {h}")
-    a = cfg.arch
+        raise ConfigError(f"arch.patch_size: {cfg.arch.patch_size} does not divide the {where}' size {h}")
+    a, nc = cfg.arch, num_classes if cfg.data.conditional else 0
+    if cfg.model == "starflow":
+        sw = cfg.starflow
+        try:
+            mcfg = StarFlowConfig(img_size=h, channels=c, patch_size=a.patch_size, layers_per_block=cfg.layers,
+                                  channels_model=a.width, head_dim=a.head_dim, num_classes=nc, txt_dim=txt_dim,
+                                  expansion=a.expansion, dropout=a.dropout, sos=sw.sos, softplus=sw.softplus,
+                                  soft_clip=sw.soft_clip, final_norm=sw.final_norm, rope=sw.rope,
+                                  cond_top_only=sw.cond_top_only, seq_order=sw.seq_order)
+        except ConfigError as e:
+            raise ConfigError([f"arch/starflow: {q}" for q in e.problems]) from None
+        return StarFlow(mcfg)
     mcfg = TarFlowConfig(img_size=h, channels=c, patch_size=a.patch_size, num_blocks=a.num_blocks,
-                         layers_per_block=a.layers_per_block, channels_model=a.width, head_dim=a.head_dim,
-                         num_classes=num_classes if cfg.data.conditional else 0, expansion=a.expansion,
-                         dropout=a.dropout)
+                         layers_per_block=cfg.layers[0], channels_model=a.width, head_dim=a.head_dim,
+                         num_classes=nc, expansion=a.expansion, dropout=a.dropout)
     return TarFlow(mcfg)
+
+
+class FlowSpace:
+    """Where the flow lives and what conditions it: pixels or autoencoder latents (cached posterior stats),
+    class labels or caption states. ``inputs(idx, step)`` gives the batch (x, y, txt) of a training step."""
+
+    def __init__(self, cfg: FlowRecipe, train: ImageData, device="cpu"):
+        from genkit.models.text import class_names_for
+
+        self.cfg, self.train = cfg, train
+        self.codec = self.captions = None
+        self.scale_source = ""
+        lc = cfg.latent
+        if lc.ae:
+            from genkit.models.autoencoder import load_codec, read_ae_config
+
+            ae_cfg = read_ae_config(lc.ae)
+            if int(ae_cfg.get("in_channels", 3)) != train.shape[0]:
+                raise ConfigError(f"latent.ae: '{lc.ae}' encodes {ae_cfg.get('in_channels', 3)}-channel images, the "
+                                  f"data has {train.shape[0]} channel(s) (set data.channels, or use another "
+                                  "autoencoder)")
+            if lc.channels and int(ae_cfg.get("latent_channels", 4)) != lc.channels:
+                raise ConfigError(f"latent.channels: the recipe expects {lc.channels} latent channels, '{lc.ae}' has "
+                                  f"{ae_cfg.get('latent_channels')}")
+            images = train.to_unit()
+            self.codec, self.scale_source = load_codec(lc.ae, images=images[:2000], scaling_factor=lc.scaling_factor,
+                                                       device=device)
+            ds = self.codec.downsample
+            if train.shape[1] % ds or train.shape[2] % ds:
+                raise ConfigError(f"latent.ae: {train.shape[1]}x{train.shape[2]} images do not fit the autoencoder's "
+                                  f"{ds}x downsampling (set data.pad_to or data.image_size)")
+            self.shape = (self.codec.latent_channels, train.shape[1] // ds, train.shape[2] // ds)
+            self.mean = self.std = None
+            if lc.cache:
+                self.mean, self.std = posterior_stats(self.codec, images, device=device)
+        else:
+            self.shape = train.shape
+        if cfg.text.encoder:
+            if train.labels is None:
+                raise ConfigError(f"text.encoder: source '{cfg.data.source}' has no labels to fill the caption "
+                                  "templates with")
+            names = list(cfg.text.class_names) or class_names_for(
+                {"source": cfg.data.source, "class_names": train.class_names}, train.num_classes)
+            if len(names) != train.num_classes:
+                raise ConfigError(f"text.class_names: {len(names)} names for {train.num_classes} classes")
+            self.captions = CaptionTable(cfg.text, names)
+
+    @property
+    def txt_dim(self) -> int:
+        return self.captions.dim if self.captions is not None else 0
+
+    @property
+    def latent(self) -> bool:
+        return self.codec is not None
+
+    def latents_of(self, images: torch.Tensor, seed: int, step: int, stream: int = 41) -> torch.Tensor:
+        """Training inputs of images in [-1, 1] (no cache): scaled posterior samples + noise."""
+        from genkit.flows.latent import posterior_stats as stats
+
+        m, s = stats(self.codec, images)
+        return latent_inputs(self.codec, m, s, self.cfg.latent.noise_std, seed, step,
+                             sample=self.cfg.latent.sample_posterior, stream=stream)
+
+    def inputs(self, idx: torch.Tensor, seed: int, step: int):
+        """(x, y, txt) of the global batch ``idx`` at ``step``."""
+        cfg, data = self.cfg, self.train
+        if self.latent:
+            if self.mean is not None:
+                x = latent_inputs(self.codec, self.mean[idx], self.std[idx], cfg.latent.noise_std, seed, step,
+                                  sample=cfg.latent.sample_posterior)
+            else:
+                x = self.latents_of(data.to_unit()[idx], seed, step)
+            y = None
+            if cfg.data.conditional:
+                y = data.labels[idx].clone()
+                drop = torch.rand(y.shape, generator=step_generator(seed, step, stream=3)) < cfg.data.label_drop
+                y[drop] = data.num_classes
+        else:
+            x, y = make_inputs(data, idx, cfg, seed, step)
+        txt = None
+        if self.captions is not None:
+            txt = self.captions.states(self.captions.ids(data.labels[idx], seed, step))
+        return x, y, txt
+
+    def info(self) -> dict:
+        """What sampling needs besides the weights (``model/data.json``)."""
+        d = {}
+        if self.latent:
+            d["latent"] = {"ae": str(Path(self.cfg.latent.ae).resolve()), "scaling_factor": self.codec.scale,
+                           "shift_factor": self.codec.shift, "scale_source": self.scale_source,
+                           "noise_std": self.cfg.latent.noise_std, "shape": list(self.shape)}
+        if self.captions is not None:
+            t = self.cfg.text
+            d["text"] = {"encoder": t.encoder if t.encoder == "minilm" else str(Path(t.encoder).resolve()),
+                         "max_length": t.max_length, "templates": self.captions.templates,
+                         "class_names": self.captions.class_names, "drop": t.drop}
+        return d
 
 
 def lr_at(step: int, t: FlowTrainConfig) -> float:
@@ -138,28 +305,31 @@ def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict
     rt = Runtime(cfg.runtime, out, quiet=quiet)
     seed = cfg.runtime.seed
     train, test = cfg.data.load("train"), cfg.data.load("test")
+    space = FlowSpace(cfg, train, rt.device)
     torch.manual_seed(seed)  # same initial weights on every rank
-    model = build_flow(cfg, train.shape, train.num_classes)
+    model = build_flow(cfg, space.shape, train.num_classes, space.txt_dim)
     model_config = model.config.to_dict()
     rt.write_config(cfg)
     t = cfg.train
+    star = cfg.model == "starflow"
+    reg = cfg.starflow.latent_norm_reg if star else 0.0
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, t.beta2), weight_decay=t.weight_decay)
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     model, opt = rt.prepare(model, opt)
     meta = rt.resume(model, opt, ema=ema)
     start = meta["step"] if meta else 0
     n_params = sum(p.numel() for p in model.parameters())
-    dims = int(torch.tensor(train.shape).prod())
+    dims = int(torch.tensor(space.shape).prod())
     log_bin = dims * math.log(2.0 / train.levels)  # see genkit.eval.bpd
     micro = t.batch_size // cfg.runtime.grad_accum
     t0, seen = time.time(), 0
     last = {}
-    with rt.progress(t.steps, initial=start, description="train-flow") as bar:
+    with rt.progress(t.steps, initial=start, description=f"train-flow {cfg.model}") as bar:
         for step in range(start, t.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, t)
             idx = batch_indices(len(train), t.batch_size, step, seed)
-            x, y = make_inputs(train, idx, cfg, seed, step)
+            x, y, txt = space.inputs(idx, seed, step)
             model.train()
             total = torch.zeros((), device=rt.device)
             for a in range(cfg.runtime.grad_accum):
@@ -169,14 +339,21 @@ def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict
                     rt.log(step, event="first_batch", rows_by_rank=rt.gather(idx[sl][mine]).tolist())
                 xb = x[sl][mine].to(rt.device)
                 yb = y[sl][mine].to(rt.device) if y is not None else None
+                tb = txt[sl][mine].to(rt.device) if txt is not None else None
                 with rt.no_sync(model, skip=a < cfg.runtime.grad_accum - 1):
                     with rt.autocast():
-                        z, logdet = model(xb, yb)
+                        if star:
+                            z, logdet, inter = model(xb, yb, tb, return_intermediates=True)
+                        else:
+                            z, logdet = model(xb, yb)
                     # per-dim NLL in nats over v in [-1,1]^D (the constant 0.5 log 2pi keeps it a true NLL)
                     nll = (0.5 * z.float().flatten(1).pow(2).sum(1) - logdet.float()).mean() / dims \
                         + 0.5 * math.log(2 * math.pi)
-                    rt.check_finite(nll, step)
-                    rt.backward(nll / cfg.runtime.grad_accum)
+                    loss = nll
+                    if reg > 0:  # official: + 1e-4 * sum over intermediate outputs of mean(h^2)
+                        loss = loss + reg * sum(h.float().pow(2).mean() for h in inter)
+                    rt.check_finite(loss, step)
+                    rt.backward(loss / cfg.runtime.grad_accum)
                 total += nll.detach() / cfg.runtime.grad_accum
             gnorm = rt.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else float("nan")
             opt.step()
@@ -187,12 +364,14 @@ def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict
             done = step + 1
             if done % cfg.runtime.log_every == 0 or done == t.steps:
                 loss = rt.mean(total)
-                bpd = (loss * dims - log_bin) / (dims * math.log(2))
-                last = {"loss": loss, "train_bpd": bpd, "lr": lr_at(step, t), "grad_norm": gnorm}
+                last = {"loss": loss, "lr": lr_at(step, t), "grad_norm": gnorm}
+                if not space.latent:
+                    last["train_bpd"] = (loss * dims - log_bin) / (dims * math.log(2))
                 if cfg.eval.eval_every and done % cfg.eval.eval_every == 0:
-                    last["test_bpd"] = evaluate_bpd(rt.unwrap(model), test, rt, ema)
+                    last.update(evaluate(rt.unwrap(model), space, test, rt, seed))
                 rt.log(done, **last)
-            bar.update(1, **({"bpd": last["train_bpd"]} if last else {}))
+            bar.update(1, **({"bpd": last["train_bpd"]} if "train_bpd" in last else
+                             {"nll": last["loss"]} if last else {}))
             if cfg.runtime.checkpoint_every and done % cfg.runtime.checkpoint_every == 0 and done < t.steps:
                 rt.save_checkpoint(done, model, opt, config=model_config, ema=ema)
     rt.save_checkpoint(t.steps, model, opt, config=model_config, ema=ema)
@@ -206,18 +385,26 @@ def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict
     metrics.update({f"final_{k}": v for k, v in last.items()})
     if rt.is_main:
         save_model_folder(rt.out / "model", {k: v for k, v in final.state_dict().items()}, model_config)
-        sigma = cfg.data.noise_std if cfg.data.noise == "gaussian" else (2.0 / train.levels) / math.sqrt(12.0)
+        if space.latent:
+            sigma = cfg.latent.noise_std
+        else:
+            sigma = cfg.data.noise_std if cfg.data.noise == "gaussian" else (2.0 / train.levels) / math.sqrt(12.0)
         atomic_write_json(rt.out / "model" / "data.json", {
             "source": cfg.data.source, "split_seed": cfg.data.split_seed, "levels": train.levels,
             "shape": list(train.shape), "num_classes": train.num_classes if cfg.data.conditional else 0,
-            "noise": cfg.data.noise, "noise_sigma": sigma})
+            "noise": "gaussian" if space.latent else cfg.data.noise, "noise_sigma": sigma,
+            "pad_to": cfg.data.pad_to, **space.info()})
         if cfg.eval.test_bpd:
-            metrics["test_bpd"] = evaluate_bpd(final, test, rt, None)
-            metrics["train_bpd_eval"] = evaluate_bpd(final, train.subset(range(min(len(train), len(test)))), rt,
-                                                     None)
+            metrics.update(evaluate(final, space, test, rt, seed))
+            sub = train.subset(range(min(len(train), len(test))))
+            metrics.update({f"train_{k.removeprefix('test_')}_eval": v
+                            for k, v in evaluate(final, space, sub, rt, seed, train_rows=True).items()})
         if cfg.eval.samples:
-            x = sample_flow(final, cfg.eval.samples, seed=seed, guidance=cfg.eval.guidance,
-                            num_classes=train.num_classes if cfg.data.conditional else 0, device=rt.device)
+            nc = train.num_classes if (cfg.data.conditional or space.captions is not None) else 0
+            labels = torch.arange(cfg.eval.samples) % nc if nc else None
+            x = sample_images(final, space, cfg.eval.samples, seed=seed, labels=labels, guidance=cfg.eval.guidance,
+                              guidance_kind=cfg.eval.guidance_kind, annealed=cfg.eval.annealed_guidance,
+                              denoise_latents=cfg.eval.denoise, device=rt.device)
             save_grid(x, rt.out / "samples.png")
             metrics["samples_png"] = str(rt.out / "samples.png")
     rt.write_metrics(metrics)
@@ -232,16 +419,90 @@ def evaluate_bpd(model, data: ImageData, rt, ema=None) -> float:
 
 
 @torch.no_grad()
-def sample_flow(model, n: int, *, seed: int = 0, guidance: float = 0.0, num_classes: int = 0, labels=None,
-                device="cpu", temperature: float = 1.0) -> torch.Tensor:
-    """Draw ``n`` images in [-1, 1]: z ~ N(0, temperature^2 I), reverse pass with the KV cache.
+def evaluate(model, space: FlowSpace, data: ImageData, rt, seed: int = 0, train_rows: bool = False) -> dict:
+    """``test_bpd`` (pixel flows: bits/dim of dequantized images) or ``test_nll`` (latent flows: nats/dim of the
+    scaled test latents plus the training noise, both drawn with a fixed seed; captions from the first
+    template)."""
+    model.eval()
+    if not space.latent and space.captions is None:
+        return {"test_bpd": evaluate_bpd(model, data, rt)}
+    dims = int(torch.tensor(space.shape).prod())
+    total, n = 0.0, 0
+    for i in range(0, len(data), 256):
+        rows = torch.arange(i, min(i + 256, len(data)))
+        if space.latent:
+            x = space.latents_of(data.to_unit()[rows], seed + 99991, i, stream=51)
+        else:
+            x, _ = make_inputs(data.subset(rows), torch.arange(len(rows)), space.cfg, seed + 99991, i)
+        y = data.labels[rows] if (space.cfg.data.conditional and data.labels is not None) else None
+        txt = None
+        if space.captions is not None:
+            txt = space.captions.states(space.captions.for_labels(data.labels[rows]))
+        x = x.to(rt.device)
+        lp = model.log_prob(x, None if y is None else y.to(rt.device), *([] if txt is None else [txt.to(rt.device)]))
+        total += float(-lp.double().sum())
+        n += len(rows)
+    nll = total / n / dims
+    if not space.latent:  # pixel-space text flow: report bits/dim like the others
+        return {"test_bpd": (nll * dims - dims * math.log(2.0 / data.levels)) / (dims * math.log(2))}
+    return {"test_nll": nll}
 
-    Conditional models get labels ``0..num_classes-1`` cycled (or ``labels``)."""
+
+@torch.no_grad()
+def sample_flow(model, n: int, *, seed: int = 0, guidance: float = 0.0, num_classes: int = 0, labels=None,
+                device="cpu", temperature: float = 1.0, txt=None, txt_null=None, guidance_kind: str = "starflow",
+                annealed: bool = False, clamp: bool = True) -> torch.Tensor:
+    """Draw ``n`` samples of the flow's input space: z ~ N(0, temperature^2 I), reverse pass with the KV cache.
+
+    Conditional models get labels ``0..num_classes-1`` cycled (or ``labels``); text STARFlows take the caption
+    states ``txt`` (and ``txt_null``, the empty caption's, for guidance). Pixel samples are clamped to [-1, 1]
+    (``clamp=False`` for latents)."""
+    from genkit.flows.starflow import StarFlow
+
     c = model.config
     g = step_generator(seed, 0, stream=11)
     z = temperature * torch.randn((n, c.channels, c.img_size, c.img_size), generator=g).to(device)
     y = None
     if c.num_classes:
         y = (torch.as_tensor(labels) if labels is not None else torch.arange(n) % c.num_classes).to(device)
-    x = model.reverse(z, y, guidance=guidance)
-    return x.clamp(-1, 1)
+    if isinstance(model, StarFlow):
+        x = model.reverse(z, y, txt=None if txt is None else txt.to(device),
+                          txt_null=None if txt_null is None else txt_null.to(device), guidance=guidance,
+                          guidance_kind=guidance_kind, annealed_guidance=annealed)
+    else:
+        x = model.reverse(z, y, guidance=guidance)
+    return x.clamp(-1, 1) if clamp else x
+
+
+def sample_images(model, space: FlowSpace, n: int, *, seed: int = 0, labels=None, guidance: float = 0.0,
+                  guidance_kind: str = "starflow", annealed: bool = False, denoise_latents: bool = True,
+                  device="cpu", codec=None) -> torch.Tensor:
+    """Images in [-1, 1] from a trained flow of ``space``: class labels or the first-template captions of
+    ``labels``; latent flows denoise (Tweedie) and decode with ``codec`` (default: the training autoencoder)."""
+    txt = txt_null = None
+    if space.captions is not None:
+        txt = space.captions.states(space.captions.for_labels(torch.as_tensor(labels)))
+        txt_null = space.captions.states(torch.full((n,), space.captions.empty))
+    x = sample_flow(model, n, seed=seed, guidance=guidance, labels=labels if model.config.num_classes else None,
+                    device=device, txt=txt, txt_null=txt_null, guidance_kind=guidance_kind, annealed=annealed,
+                    clamp=not space.latent)
+    if not space.latent:
+        return x
+    return latents_to_images(model, x, codec or space.codec, sigma=space.cfg.latent.noise_std if denoise_latents
+                             else 0.0, labels=labels if model.config.num_classes else None, txt=txt)
+
+
+def latents_to_images(model, z, codec, *, sigma: float = 0.0, labels=None, txt=None, batch_size: int = 256):
+    """Tweedie-denoise sampled latents with the flow's density when ``sigma`` > 0, then decode to [-1, 1]."""
+    from genkit.flows.latent import decode
+    from genkit.flows.tarflow import denoise
+
+    if sigma > 0:
+        parts = []
+        for i in range(0, len(z), batch_size):
+            sl = slice(i, i + batch_size)
+            y = None if labels is None else torch.as_tensor(labels)[sl].to(z.device)
+            parts.append(denoise(model, z[sl], y, sigma, txt=None if txt is None else txt[sl].to(z.device)))
+        z = torch.cat(parts)
+    with torch.no_grad():
+        return decode(codec, z)
