@@ -219,8 +219,9 @@ class GANLoss(nn.Module):
             with torch.no_grad():
                 self.ema_real.lerp_(lr.mean().detach().view(1), 1 - self.lecam_decay)
                 self.ema_fake.lerp_(lf.mean().detach().view(1), 1 - self.lecam_decay)
-        return loss + lecam, {"d_loss": float(loss), "lecam": float(lecam), "logits_real": float(lr.mean()),
-                              "logits_fake": float(lf.mean())}
+        return loss + lecam, {"d_loss": float(loss.detach()), "lecam": float(lecam.detach()),
+                              "logits_real": float(lr.detach().mean()),
+                              "logits_fake": float(lf.detach().mean())}
 
 
 class DecoderLoss(nn.Module):

@@ -89,7 +89,7 @@ class AERecipe:
 
     mode: Literal["scratch", "finetune-decoder"] = field("scratch", help="train a new autoencoder, or fine-tune "
                                                          "the decoder of ae=DIR on noisy latents (STARFlow)")
-    ae: str = field("", help="finetune-decoder: the diffusers AutoencoderKL folder to start from")
+    ae: str = field("", help="finetune-decoder: the diffusers AutoencoderKL folder to start from", exists=True)
     arch: AEArch = field(default_factory=AEArch, help="architecture (scratch mode)")
     data: ImageDataConfig = field(default_factory=ImageDataConfig, help="images")
     loss: AELossConfig = field(default_factory=AELossConfig, help="loss")
@@ -245,7 +245,7 @@ def train_ae(cfg: AERecipe, out: str | Path, *, quiet: bool = False) -> dict:
             done = step + 1
             if done % cfg.runtime.log_every == 0 or done == t.steps:
                 last = {k: rt.mean(v) for k, v in sums.items()}
-                last.update(lr=lr, grad_norm=gnorm, train_psnr=rt.mean(float(psnr(x, xr.float()).mean())))
+                last.update(lr=lr, grad_norm=gnorm, train_psnr=rt.mean(float(psnr(x, xr.float()).mean().detach())))
                 rt.log(done, **last)
             bar.update(1, **({"psnr": last["train_psnr"]} if last else {}))
             if cfg.runtime.checkpoint_every and done % cfg.runtime.checkpoint_every == 0 and done < t.steps:

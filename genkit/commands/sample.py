@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -24,6 +24,16 @@ class FlowSampleConfig:
     temperature: float = field(1.0, help="prior temperature: z ~ N(0, T^2 I)", min=0.0)
     seed: int = field(0, help="sampling seed")
     batch_size: int = field(256, help="samples per reverse pass", min=1)
+    guidance_kind: Literal["starflow", "tarflow"] = field("starflow", help="STARFlow models: starflow (Gaussian "
+                                                          "guidance of arXiv 2506.06276, official cfg 2.5) or tarflow "
+                                                          "(extrapolate log-scale and shift), in the deep block")
+    annealed: bool = field(False, help="STARFlow: guidance weight x (t+1)/T along the tokens (the official code "
+                           "computes this factor and never applies it)")
+    prompt: list[str] = field(default_factory=list, help="text STARFlows: prompts, cycled over the samples "
+                              "(default: the first training template with each class name)")
+    ae: str = field("", help="latent STARFlows: decode with this AutoencoderKL folder instead of the training one "
+                    "(e.g. a fine-tuned decoder from genkit train-ae mode=finetune-decoder; then denoise=false)",
+                    exists=True)
 
 
 def sample(
@@ -62,6 +72,8 @@ def sample(
     from genkit.runtime import Progress, atomic_write_json, software_versions
 
     model_, info = load_flow(ckpt)
+    if model_.config.to_dict()["model_type"] == "starflow" or cfg.prompt or cfg.ae:
+        return _sample_latent(model_, info, cfg, ckpt, n, out, quiet)
     t0 = time.time()
     xs, ys = [], []
     nc = model_.config.num_classes
@@ -90,6 +102,79 @@ def sample(
     seconds = time.time() - t0
     atomic_write_json(out / "metrics.json", {"n": n, "seconds": round(seconds, 3), "samples_per_second": n / seconds,
                                              "ckpt": str(ckpt), **{k: getattr(cfg, k) for k in vars(cfg)},
+                                             "versions": software_versions()})
+    typer.echo(f"samples: {out / 'samples.png'}  ({n} in {seconds:.1f}s)")
+
+
+def _sample_latent(model, info: dict, cfg: FlowSampleConfig, ckpt: Path, n: int, out: Path, quiet: bool):
+    """STARFlow in a latent space and/or with text: prior -> reverse (deep block first, guided) -> optional
+    Tweedie denoising of the latent -> decode with the autoencoder."""
+    import torch
+
+    from genkit.data.grid import save_grid, save_samples_npz
+    from genkit.flows.train import latents_to_images, sample_flow
+    from genkit.runtime import Progress, atomic_write_json, software_versions
+
+    text, latent, nc = info.get("text"), info.get("latent"), model.config.num_classes
+    if cfg.prompt and not text:
+        what = "class-conditional (labels 0..K-1)" if nc else "not text-conditioned"
+        raise ConfigError(f"prompt: this flow is {what}; prompts need a STARFlow trained with text.encoder")
+    if cfg.ae and not latent:
+        raise ConfigError("ae: this flow models pixels; ae= applies to latent flows only")
+    codec = None
+    if latent:
+        from genkit.models.autoencoder import load_codec
+
+        codec, _ = load_codec(cfg.ae or latent["ae"], scaling_factor=latent["scaling_factor"])
+        if int(codec.latent_channels) != model.config.channels:
+            raise ConfigError(f"ae: '{cfg.ae or latent['ae']}' has {codec.latent_channels} latent channels, the flow "
+                              f"models {model.config.channels}")
+    prompts, labels = list(cfg.prompt), None
+    if text:
+        from genkit.models.text import encode_states, template_prompts
+
+        if not prompts:
+            prompts, _ = template_prompts(text["class_names"], text["templates"][:1])
+            labels = torch.arange(n) % len(prompts)
+        states = encode_states(prompts + [""], text["max_length"], encoder=text["encoder"]).hidden
+    elif nc:
+        labels = torch.arange(n) % nc
+    sigma = (cfg.sigma or info.get("noise_sigma", 0.0)) if cfg.denoise else 0.0
+    t0 = time.time()
+    xs = []
+    with Progress(math.ceil(n / cfg.batch_size), description="sample", enabled=not quiet, unit="batch") as bar:
+        for i in range(0, n, cfg.batch_size):
+            m = min(cfg.batch_size, n - i)
+            rows = torch.arange(i, i + m)
+            y = labels[rows] if (labels is not None and nc) else None
+            txt = txt_null = None
+            if text:
+                txt = states[rows % len(prompts)]
+                txt_null = states[-1:].expand(m, -1, -1)
+            z = sample_flow(model, m, seed=cfg.seed + i, guidance=cfg.cfg, labels=y, temperature=cfg.temperature,
+                            txt=txt, txt_null=txt_null, guidance_kind=cfg.guidance_kind, annealed=cfg.annealed,
+                            clamp=codec is None)
+            if codec is not None:
+                x = latents_to_images(model, z, codec, sigma=sigma, labels=y, txt=txt)
+            elif sigma > 0:
+                from genkit.flows.tarflow import denoise
+
+                x = denoise(model, z, y, sigma, txt=txt).clamp(-1, 1)
+            else:
+                x = z
+            xs.append(x)
+            bar.update(1)
+    x = torch.cat(xs)
+    seconds = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(x, out / "samples.png")
+    arrays = {"images": x}
+    if labels is not None:
+        arrays["labels"] = labels
+    save_samples_npz(out / "samples.npz", **arrays)
+    atomic_write_json(out / "metrics.json", {"n": n, "seconds": round(seconds, 3), "samples_per_second": n / seconds,
+                                             "ckpt": str(ckpt), "prompts": prompts,
+                                             **{k: getattr(cfg, k) for k in vars(cfg)},
                                              "versions": software_versions()})
     typer.echo(f"samples: {out / 'samples.png'}  ({n} in {seconds:.1f}s)")
 

@@ -34,7 +34,7 @@ class LatentConfig:
     """The latent space of a diffusers AutoencoderKL (empty ``ae`` = model pixels)."""
 
     ae: str = field("", help="diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), "
-                    "e.g. the ae/ of genkit train-ae or a local stabilityai/sd-vae-ft-ema; empty = pixel space")
+                    "e.g. the ae/ of genkit train-ae or a local stabilityai/sd-vae-ft-ema; empty = pixel space", exists=True)
     scaling_factor: float = field(0.0, help="latent scale (0 = the folder's scaling_factor, or 1/std of the "
                                   "training latents when its config has none)", min=0.0)
     noise_std: float = field(0.3, help="std of the Gaussian noise added to the scaled latents (official 0.3)",

@@ -104,8 +104,10 @@ class TextEncoder:
         folder = _folder(path)
         try:
             from transformers import AutoConfig, AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
         except ImportError:
             raise ConfigError("text encoders need transformers: pip install transformers") from None
+        hf_logging.disable_progress_bar()
         try:
             cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
