@@ -122,7 +122,7 @@ class FlowRecipe:
         lpb = self.arch.layers_per_block
         if not lpb or min(lpb) < 1:
             p.append(f"arch.layers_per_block: need positive layer counts, got {lpb}")
-        elif len(lpb) > 1 and len(lpb) != self.arch.num_blocks and self.model == "tarflow":
+        elif len(set(lpb)) == 1 and len(lpb) > 1 and len(lpb) != self.arch.num_blocks and self.model == "tarflow":
             p.append(f"arch.layers_per_block: {len(lpb)} values for arch.num_blocks={self.arch.num_blocks}")
         if self.model == "tarflow":
             if len(set(lpb)) > 1:

@@ -94,13 +94,14 @@ def test_identity_at_init_and_start_token():
     with torch.no_grad():
         model.blocks[0].proj_out.bias[D:].fill_(0.3)  # mu = 0.3, sigma = 1
     z, _ = model(x, y)
-    assert torch.allclose(z, x - 0.3, atol=1e-6)
+    shift = 4 * math.tanh(0.3 / 4)  # soft clip 4
+    assert torch.allclose(z, x - shift, atol=1e-6)
     tar = StarFlow(tiny(num_classes=3, sos=False)).eval()
     with torch.no_grad():
         tar.blocks[0].proj_out.bias[D:].fill_(0.3)
     # without it the first token the block reads (the last one: block 0 is flipped under L2R) passes through
     tok = tar.patchify(tar(x, y)[0] - x)  # (B, T, D)
-    assert torch.equal(tok[:, -1], torch.zeros_like(tok[:, -1])) and torch.allclose(tok[:, :-1], torch.tensor(-0.3))
+    assert torch.equal(tok[:, -1], torch.zeros_like(tok[:, -1])) and torch.allclose(tok[:, :-1], torch.tensor(-shift))
 
 
 def test_soft_clip_bounds_the_scale():

