@@ -53,9 +53,9 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 from genkit.errors import ConfigError, RunError
 
@@ -405,17 +405,29 @@ def run_tests(program: str, tests: Sequence[str], *, timeout: float = 5.0, **lim
 
 
 def run_many(jobs: Sequence[tuple[str, Sequence[str]]], *, workers: int = 2, timeout: float = 5.0,
-             **limits) -> list[SandboxResult]:
-    """:func:`run_tests` over (program, tests) pairs, `workers` sandboxes at a time, results in input order."""
+             callback: Callable[[int, SandboxResult], None] | None = None, **limits) -> list[SandboxResult]:
+    """:func:`run_tests` over (program, tests) pairs, `workers` sandboxes at a time, results in input order;
+    ``callback(i, result)`` (e.g. a progress bar) is called in this thread as each one finishes."""
     lim = _limits(limits)
     if not timeout > 0:
         raise ConfigError(f"sandbox timeout={timeout} must be positive")
     mode = _mode(lim)
     jobs = [(str(p), [str(t) for t in ts]) for p, ts in jobs]
-    if workers <= 1 or len(jobs) <= 1:
-        return [_execute(mode, p, ts, float(timeout), lim) for p, ts in jobs]
+    out: list = [None] * len(jobs)
+    if int(workers) <= 1 or len(jobs) <= 1:
+        for i, (p, ts) in enumerate(jobs):
+            out[i] = _execute(mode, p, ts, float(timeout), lim)
+            if callback is not None:
+                callback(i, out[i])
+        return out
     with ThreadPoolExecutor(max_workers=int(workers)) as pool:
-        return list(pool.map(lambda j: _execute(mode, j[0], j[1], float(timeout), lim), jobs))
+        futs = {pool.submit(_execute, mode, p, ts, float(timeout), lim): i for i, (p, ts) in enumerate(jobs)}
+        for f in as_completed(futs):
+            i = futs[f]
+            out[i] = f.result()
+            if callback is not None:
+                callback(i, out[i])
+    return out
 
 
 __all__ = ["SandboxResult", "Limits", "run_tests", "run_many", "isolation_level", "sandbox_python", "LAUNCHER",
