@@ -32,7 +32,9 @@ when it has *seen* the test finish:
   a pipe descriptor and ``os.write`` bound before any user code runs.  ``sys.exit``/``SystemExit`` and every
   other exception fail the test; ``os._exit``, ``exec`` or a crash end the run with the remaining tests
   failed (status ``exited``).  The marker travels on its own pipe (not stdout), so a program's prints can
-  neither forge it nor push it past the stdout cap.
+  neither forge it nor push it past the stdout cap.  This guards against early exits and accidental
+  look-alikes, not against a program that digs the marker out of the interpreter's own frames or memory
+  (it shares the process with the launcher); the launcher's names are removed from ``__main__``.
 
 Where namespaces are refused (no ``unshare``, a container without CAP_SYS_ADMIN, unprivileged user
 namespaces disabled), the sandbox falls back to rlimits (plus the uid drop when root), and
@@ -100,10 +102,13 @@ if cfg["mounts"] or cfg["uid"] is not None:
 os.chdir(work)
 for name, soft, hard in cfg["rlimits"]:
     resource.setrlimit(getattr(resource, name), (soft, hard))
-def _run(cfg, write=os.write, mfd=cfg["mfd"], tag=cfg["marker"].encode(), compile=compile, exec=exec,
-         repr=repr, type=type, len=len, enumerate=enumerate, flush=sys.stdout.flush, BaseException=BaseException):
+def _run(cfg, write=os.write, exit=os._exit, mfd=cfg["mfd"], tag=cfg["marker"].encode(), compile=compile,
+         exec=exec, type=type, enumerate=enumerate, flush=sys.stdout.flush, BaseException=BaseException,
+         builtins=builtins, main=sys.modules["__main__"].__dict__):
     program, tests = cfg["program"], cfg["tests"] or [""]
     cfg.clear()
+    for k in [k for k in main if not k.startswith("__")]:
+        del main[k]  # nothing of the launcher left in `import __main__`
     write(mfd, tag + b" ready\n")
     for i, test in enumerate(tests):
         try:
@@ -125,7 +130,7 @@ def _run(cfg, write=os.write, mfd=cfg["mfd"], tag=cfg["marker"].encode(), compil
     except BaseException:
         pass
     write(mfd, tag + b" done\n")
-    os._exit(0)
+    exit(0)
 _run(cfg)
 """
 
