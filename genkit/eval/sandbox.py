@@ -237,7 +237,8 @@ def _candidate_modes(python: str | None) -> list[_Mode]:
 
 
 def _probe(mode: _Mode) -> SandboxResult:
-    return _execute(mode, PROBE_PROGRAM, ["assert math.gcd(12, 18) == 6"], 10.0, Limits())
+    # a generous deadline: a probe that times out on a loaded machine would settle on a weaker level
+    return _execute(mode, PROBE_PROGRAM, ["assert math.gcd(12, 18) == 6"], 30.0, Limits())
 
 
 def _mode(lim: Limits) -> _Mode:
