@@ -31,6 +31,9 @@ from .tasks import GRADERS, grade_row
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# decoders whose extra (shadow) slots predict their partner position: they need unshifted logits
+UNSHIFTED_ONLY = ("wino", "wino-cache", "wino-plus")
+
 # decoder keyword arguments that `genkit decode` may set (None = the decoder's default)
 KNOBS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale", "tau", "cache", "tau1",
          "tau2", "refresh", "final_checks", "alg_temp", "top_p", "top_k", "eps", "mask_id")
@@ -60,7 +63,8 @@ class DecodeConfig:
                                      min=0)
     alg_temp: float | None = field(None, help="Dream orders: temperature of the position sampling (0 = top-k)")
     top_p: float | None = field(None, help="Dream orders: nucleus filter", min=0.0, max=1.0)
-    top_k: int | None = field(None, help="Dream orders: top-k filter", min=1)
+    top_k: int | None = field(None, help="Dream orders: top-k filter (none: no filter, genkit's default; 50: what "
+                              "official Dream calls that omit top_k get)", min=1)
     eps: float | None = field(None, help="Dream orders: final time of the schedule", min=0.0)
     mask_id: int | None = field(None, help="id of [MASK] (default: the model config's mask_token_id)", min=0)
     batch_size: int = field(16, help="prompts decoded together (left-padded)", min=1)
@@ -312,6 +316,9 @@ def run_decode(model_path: str | os.PathLike, data: str | os.PathLike, cfg: Deco
         torch.set_num_threads(cfg.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tok, info = load_dllm(model_path, tokenizer=tokenizer, device=device, dtype=DTYPES[cfg.dtype])
+    if cfg.algo in UNSHIFTED_ONLY and getattr(model.config, "shifted_logits", False):
+        raise ConfigError(f"algo={cfg.algo} needs a model with unshifted logits and {model_path} is a Dream-style "
+                          "model (shifted logits): use entropy, maskgit_plus, topk_margin, origin, llada or fast-dllm")
     knobs = resolve_knobs(cfg, info)
     rows = read_jsonl(data, strict=False)
     if cfg.limit:
