@@ -1,7 +1,8 @@
 """Code-benchmark prompts and completions for `genkit decode code=...` (HumanEval(+), MBPP(+) problem files).
 
-EvalPlus (Liu et al., NeurIPS 2023, arXiv 2305.01210; evaluation code evalplus/evalplus `codegen`), which
-DiffuCoder's evaluation follows through Qwen2.5-Coder's `qwencoder-eval`, prompts models in two ways:
+EvalPlus (Liu et al., NeurIPS 2023, arXiv 2305.01210; evaluation code evalplus/evalplus `codegen`) prompts
+models in two ways (DiffuCoder's own evaluation is built on Qwen2.5-Coder's harness, whose prompts genkit does
+not copy):
 
 * instruct (chat models): the user turn is "Please provide a self-contained Python script that solves the
   following problem in a markdown code block:" followed by the problem's prompt in a ``` fence, and the

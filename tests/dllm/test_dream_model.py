@@ -134,8 +134,11 @@ def test_official_config_fields():
     cfg = DreamConfig.from_dict(raw)
     assert (cfg.head_dim, cfg.num_key_value_heads, cfg.mask_token_id, cfg.embedding_size) == (128, 4, 151666, 152064)
     with torch.device("meta"):
-        n = sum(p.numel() for p in DreamModel(cfg).parameters())
+        model = DreamModel(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        logits = model(torch.zeros(2, 8, dtype=torch.long))  # shapes at full scale, no memory
     assert n == 7_615_616_512  # Qwen2.5-7B's parameter count
+    assert logits.shape == (2, 8, 152064)
     # keys a config.json omits take the official DreamConfig defaults (mask 151666, pad 151643)
     assert DreamConfig.from_dict({"model_type": "Dream", "hidden_size": 64, "num_attention_heads": 4,
                                   "num_key_value_heads": 2, "vocab_size": 152064}).mask_token_id == 151666
