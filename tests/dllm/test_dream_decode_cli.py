@@ -177,3 +177,9 @@ def test_code_instruct_writes_human_eval_samples(tmp_path, coder, capsys):
     assert recs[0]["prompt_tokens"] == len(tok(text)["input_ids"])
     rc, _, err = cli(capsys, "decode", "--model", folder, "--data", data, "code=python", "--out", tmp_path / "x")
     assert rc == 2 and "code" in err
+    # the samples feed genkit eval pass-at-k as they are (a random model solves nothing)
+    rc, stdout, err = cli(capsys, "eval", "pass-at-k", "--samples", out / "samples.jsonl", "--problems", data, "k=1",
+                          "-q")
+    assert rc == 0, err
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res["problems"] == {"HumanEval/0": {"n": 2, "c": 0}, "HumanEval/1": {"n": 2, "c": 0}}
