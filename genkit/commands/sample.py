@@ -13,27 +13,45 @@ import typer
 from genkit.commands.common import ARGS_HELP, DRY_HELP, dry_run, keys_epilog, load_recipe
 from genkit.config import field
 from genkit.errors import ConfigError
+from genkit.flows.train import UNCOND_ATTN_TEMP
 
 
 @dataclass
 class FlowSampleConfig:
-    cfg: float = field(0.0, help="guidance weight: classifier-free for class-conditional flows, "
-                       "attention-temperature guidance for unconditional ones (0 = none)")
-    denoise: bool = field(False, help="apply the score-based denoising step x + sigma^2 grad log p(x)")
-    sigma: float = field(0.0, help="noise level for denoise (0 = the training noise of the run)", min=0.0)
+    cfg: float = field(0.0, help="guidance weight W (0 = none): classifier-free for class-conditional flows, "
+                       "attention-temperature guidance for unconditional ones (the second pass at attn_temp)")
+    attn_temp: float = field(0.0, help="attention temperature of the guidance pass (0 = auto: 1.0 for "
+                             f"class-conditional flows, {UNCOND_ATTN_TEMP} for unconditional ones; official "
+                             "default 1.0, which turns unconditional guidance off)", min=0.0)
+    guide_what: Literal["a", "b", "ab"] = field("ab", help="what guidance extrapolates: a = log-scales alpha, "
+                                                "b = shifts mu, ab = both (official default)")
+    cfg_schedule: Literal["constant", "annealed"] = field(
+        "constant", help="constant: weight W at every token; annealed: W (i+1)/(T-1) at reverse step i "
+        "(what the official evaluate_fid.py always uses)")
+    negative_cfg: bool = field(False, help="allow cfg < 0 (guidance away from the label; the official sampler "
+                               "ignores negative weights)")
+    denoise: bool = field(False, help="score-based denoising x + sigma^2 grad log p(x) before the clip to [-1, 1]; "
+                          "exact (Tweedie) for runs trained with data.noise=gaussian")
+    sigma: float = field(0.0, help="noise level for denoise (0 = the Gaussian training noise of the run; runs "
+                         "trained with uniform dequantization need it set)", min=0.0)
+    resample_nonfinite: bool = field(False, help="redraw the noise of samples that come out non-finite (strong "
+                                     "guidance can overflow), so all --n images are finite")
     temperature: float = field(1.0, help="prior temperature: z ~ N(0, T^2 I)", min=0.0)
     seed: int = field(0, help="sampling seed")
     batch_size: int = field(256, help="samples per reverse pass", min=1)
-    guidance_kind: Literal["starflow", "tarflow"] = field("starflow", help="STARFlow models: starflow (Gaussian "
+    guidance_kind: Literal["starflow", "tarflow"] = field("starflow", help="STARFlow models: starflow (the Gaussian "
                                                           "guidance of arXiv 2506.06276, official cfg 2.5) or tarflow "
-                                                          "(extrapolate log-scale and shift), in the deep block")
-    annealed: bool = field(False, help="STARFlow: guidance weight x (t+1)/T along the tokens (the official code "
-                           "computes this factor and never applies it)")
+                                                          "(extrapolate log-scale and shift), in the deep block only")
     prompt: list[str] = field(default_factory=list, help="text STARFlows: prompts, cycled over the samples "
                               "(default: the first training template with each class name)")
     ae: str = field("", help="latent STARFlows: decode with this AutoencoderKL folder instead of the training one "
-                    "(e.g. a fine-tuned decoder from genkit train-ae mode=finetune-decoder; then denoise=false)",
+                    "(e.g. a decoder fine-tuned by genkit train-ae mode=finetune-decoder; then leave denoise=false)",
                     exists=True)
+
+    def validate(self) -> list[str]:
+        if self.cfg < 0 and not self.negative_cfg:
+            return [f"cfg: {self.cfg} is negative; use cfg >= 0, or negative_cfg=true to guide away from the label"]
+        return []
 
 
 def sample(
@@ -53,6 +71,9 @@ def sample(
 
     Flows: genkit sample --ckpt runs/digits --n 64 cfg=1.5 denoise=true --out runs/digits/samples
 
+    STARFlow: genkit sample --ckpt runs/sf-text --n 16 prompt="[a handwritten digit seven]" cfg=2.5 denoise=true
+    (latent flows decode with their autoencoder, or with ae=DIR)
+
     Denoisers: genkit sample --model runs/edm-digits sampler=tada nfe=10 --n 64 --out runs/tada10
     """
     if (ckpt is None) == (model is None):
@@ -67,27 +88,45 @@ def sample(
 
     from genkit.data.grid import save_grid, save_samples_npz
     from genkit.flows.io import load_flow
-    from genkit.flows.tarflow import denoise
-    from genkit.flows.train import sample_flow
+    from genkit.flows.train import default_attn_temp, latents_to_images, sample_flow
     from genkit.runtime import Progress, atomic_write_json, software_versions
 
     model_, info = load_flow(ckpt)
-    if model_.config.to_dict()["model_type"] == "starflow" or cfg.prompt or cfg.ae:
-        return _sample_latent(model_, info, cfg, ckpt, n, out, quiet)
+    nc = model_.config.num_classes
+    text, codec = info.get("text"), _latent_codec(model_, info, cfg)
+    if cfg.prompt and not text:
+        what = "class-conditional (labels 0..K-1)" if nc else "not text-conditioned"
+        raise ConfigError(f"prompt: this flow is {what}; prompts need a STARFlow trained with text.encoder")
+    sigma = 0.0
+    if cfg.denoise:
+        sigma = flow_denoise_sigma(cfg, info)
+    prompts, states, prompt_labels = list(cfg.prompt), None, None
+    if text:
+        from genkit.models.text import encode_states, template_prompts
+
+        if not prompts:  # the first training template with every class name: the samples have labels
+            prompts, prompt_labels = template_prompts(text["class_names"], text["templates"][:1])
+        states = encode_states(prompts + [""], text["max_length"], encoder=text["encoder"]).hidden  # "" last
     t0 = time.time()
     xs, ys = [], []
-    nc = model_.config.num_classes
+    stats: dict = {}
     with Progress(math.ceil(n / cfg.batch_size), description="sample", enabled=not quiet, unit="batch") as bar:
         for i in range(0, n, cfg.batch_size):
             m = min(cfg.batch_size, n - i)
-            labels = (torch.arange(i, i + m) % nc) if nc else None
-            x = sample_flow(model_, m, seed=cfg.seed + i, guidance=cfg.cfg, labels=labels,
-                            temperature=cfg.temperature)
-            if cfg.denoise:
-                sigma = cfg.sigma or info.get("noise_sigma", 0.0)
-                if sigma <= 0:
-                    raise ConfigError("denoise=true needs sigma=... (the run folder does not record its noise level)")
-                x = denoise(model_, x, labels, sigma).clamp(-1, 1)
+            rows = torch.arange(i, i + m)
+            labels = (rows % nc) if nc else None
+            txt = txt_null = None
+            if states is not None:
+                txt, txt_null = states[rows % len(prompts)], states[-1:].expand(m, -1, -1)
+                if prompt_labels is not None:
+                    labels = torch.tensor(prompt_labels)[rows % len(prompts)]
+            x = sample_flow(model_, m, seed=cfg.seed + i, guidance=cfg.cfg, labels=labels if nc else None,
+                            temperature=cfg.temperature, attn_temp=cfg.attn_temp or None, guide_what=cfg.guide_what,
+                            annealed=cfg.cfg_schedule == "annealed", denoise_sigma=0.0 if codec else sigma,
+                            resample_nonfinite=cfg.resample_nonfinite, stats=stats, txt=txt, txt_null=txt_null,
+                            guidance_kind=cfg.guidance_kind, clamp=codec is None)
+            if codec is not None:  # latent flow: Tweedie on the latent (denoise=true), then decode
+                x = latents_to_images(model_, x, codec, sigma=sigma, labels=labels if nc else None, txt=txt)
             xs.append(x)
             if labels is not None:
                 ys.append(labels)
@@ -102,81 +141,44 @@ def sample(
     seconds = time.time() - t0
     atomic_write_json(out / "metrics.json", {"n": n, "seconds": round(seconds, 3), "samples_per_second": n / seconds,
                                              "ckpt": str(ckpt), **{k: getattr(cfg, k) for k in vars(cfg)},
+                                             "prompts": prompts,
+                                             "attn_temp_used": cfg.attn_temp or default_attn_temp(model_),
+                                             "denoise_sigma": sigma, "non_finite_samples": stats["non_finite"],
+                                             "redrawn_samples": stats["redrawn"],
                                              "versions": software_versions()})
     typer.echo(f"samples: {out / 'samples.png'}  ({n} in {seconds:.1f}s)")
 
 
-def _sample_latent(model, info: dict, cfg: FlowSampleConfig, ckpt: Path, n: int, out: Path, quiet: bool):
-    """STARFlow in a latent space and/or with text: prior -> reverse (deep block first, guided) -> optional
-    Tweedie denoising of the latent -> decode with the autoencoder."""
-    import torch
+def _latent_codec(model, info: dict, cfg: FlowSampleConfig):
+    """The autoencoder that decodes a latent STARFlow's samples (``ae=`` or the training one), else None."""
+    latent = info.get("latent")
+    if not latent:
+        if cfg.ae:
+            raise ConfigError("ae: this flow models pixels; ae= applies to latent STARFlows only")
+        return None
+    from genkit.models.autoencoder import load_codec
 
-    from genkit.data.grid import save_grid, save_samples_npz
-    from genkit.flows.train import latents_to_images, sample_flow
-    from genkit.runtime import Progress, atomic_write_json, software_versions
+    folder = cfg.ae or latent["ae"]
+    codec, _ = load_codec(folder, scaling_factor=latent["scaling_factor"])
+    if codec.latent_channels != model.config.channels:
+        raise ConfigError(f"ae: '{folder}' has {codec.latent_channels} latent channels, the flow models "
+                          f"{model.config.channels}")
+    return codec
 
-    text, latent, nc = info.get("text"), info.get("latent"), model.config.num_classes
-    if cfg.prompt and not text:
-        what = "class-conditional (labels 0..K-1)" if nc else "not text-conditioned"
-        raise ConfigError(f"prompt: this flow is {what}; prompts need a STARFlow trained with text.encoder")
-    if cfg.ae and not latent:
-        raise ConfigError("ae: this flow models pixels; ae= applies to latent flows only")
-    codec = None
-    if latent:
-        from genkit.models.autoencoder import load_codec
 
-        codec, _ = load_codec(cfg.ae or latent["ae"], scaling_factor=latent["scaling_factor"])
-        if int(codec.latent_channels) != model.config.channels:
-            raise ConfigError(f"ae: '{cfg.ae or latent['ae']}' has {codec.latent_channels} latent channels, the flow "
-                              f"models {model.config.channels}")
-    prompts, labels = list(cfg.prompt), None
-    if text:
-        from genkit.models.text import encode_states, template_prompts
-
-        if not prompts:
-            prompts, _ = template_prompts(text["class_names"], text["templates"][:1])
-            labels = torch.arange(n) % len(prompts)
-        states = encode_states(prompts + [""], text["max_length"], encoder=text["encoder"]).hidden
-    elif nc:
-        labels = torch.arange(n) % nc
-    sigma = (cfg.sigma or info.get("noise_sigma", 0.0)) if cfg.denoise else 0.0
-    t0 = time.time()
-    xs = []
-    with Progress(math.ceil(n / cfg.batch_size), description="sample", enabled=not quiet, unit="batch") as bar:
-        for i in range(0, n, cfg.batch_size):
-            m = min(cfg.batch_size, n - i)
-            rows = torch.arange(i, i + m)
-            y = labels[rows] if (labels is not None and nc) else None
-            txt = txt_null = None
-            if text:
-                txt = states[rows % len(prompts)]
-                txt_null = states[-1:].expand(m, -1, -1)
-            z = sample_flow(model, m, seed=cfg.seed + i, guidance=cfg.cfg, labels=y, temperature=cfg.temperature,
-                            txt=txt, txt_null=txt_null, guidance_kind=cfg.guidance_kind, annealed=cfg.annealed,
-                            clamp=codec is None)
-            if codec is not None:
-                x = latents_to_images(model, z, codec, sigma=sigma, labels=y, txt=txt)
-            elif sigma > 0:
-                from genkit.flows.tarflow import denoise
-
-                x = denoise(model, z, y, sigma, txt=txt).clamp(-1, 1)
-            else:
-                x = z
-            xs.append(x)
-            bar.update(1)
-    x = torch.cat(xs)
-    seconds = time.time() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    save_grid(x, out / "samples.png")
-    arrays = {"images": x}
-    if labels is not None:
-        arrays["labels"] = labels
-    save_samples_npz(out / "samples.npz", **arrays)
-    atomic_write_json(out / "metrics.json", {"n": n, "seconds": round(seconds, 3), "samples_per_second": n / seconds,
-                                             "ckpt": str(ckpt), "prompts": prompts,
-                                             **{k: getattr(cfg, k) for k in vars(cfg)},
-                                             "versions": software_versions()})
-    typer.echo(f"samples: {out / 'samples.png'}  ({n} in {seconds:.1f}s)")
+def flow_denoise_sigma(cfg: FlowSampleConfig, info: dict) -> float:
+    """sigma of the denoising step: ``sigma=`` if given, else the run's Gaussian training noise. Tweedie's
+    x + sigma^2 grad log p(x) is exact only for Gaussian noise, so a uniformly dequantised run (whose noise is
+    U(bin), std = bin width / sqrt(12)) is not denoised unless the user sets sigma."""
+    if cfg.sigma > 0:
+        return cfg.sigma
+    if info.get("noise") == "uniform":
+        hint = f" (bin width / sqrt(12) = {info['noise_sigma']:.4g})" if info.get("noise_sigma") else ""
+        raise ConfigError("denoise=true: this flow was trained with uniform dequantization, where the Tweedie step "
+                          f"is not exact; set sigma=...{hint} to apply it anyway, or train with data.noise=gaussian")
+    if info.get("noise_sigma", 0.0) <= 0:
+        raise ConfigError("denoise=true needs sigma=... (the run folder does not record its noise level)")
+    return float(info["noise_sigma"])
 
 
 def _sample_denoiser(args, model: Path, n: int, out: Path, dry: bool, quiet: bool):
