@@ -129,20 +129,108 @@ class LPIPS(nn.Module):
         return d.mean(), torch.zeros((), device=a.device)
 
 
-def build_perceptual(kind: str, source: str):
-    """``classifier`` (shipped classifier of ``source``), ``lpips:DIR`` or ``none`` -> module or None."""
+class _LayerNorm2d(nn.LayerNorm):
+    def forward(self, x):  # (B, C, H, W): normalise over C
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class _CNBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.layer_scale = nn.Parameter(torch.full((d, 1, 1), 1e-6))
+        self.block = nn.ModuleList([nn.Conv2d(d, d, 7, padding=3, groups=d), nn.Identity(), nn.LayerNorm(d, eps=1e-6),
+                                    nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)])
+
+    def forward(self, x):
+        h = self.block[0](x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        for layer in self.block[2:]:
+            h = layer(h)
+        return x + self.layer_scale * h.permute(0, 3, 1, 2)
+
+
+class ConvNeXtLogits(nn.Module):
+    """ConvNeXt-S (Liu et al. 2022, arXiv 2201.03545) ImageNet logits from a local folder holding
+    ``convnext_small.safetensors`` with torchvision's parameter names, for the official second perceptual term:
+    MSE between the logits of the two images, each resized to 224 (bilinear, antialiased) and ImageNet-normalised
+    (official ``PerceptualLoss`` with ``convnext_s``). Images in [-1, 1]; returns (0, P2)."""
+
+    DEPTHS, DIMS = (3, 3, 27, 3), (96, 192, 384, 768)
+
+    def __init__(self, folder: str | Path | None):
+        """``folder=None`` builds the architecture with random weights (tests)."""
+        super().__init__()
+        from genkit.runtime.files import load_safetensors
+
+        path = None if folder is None else Path(folder) / "convnext_small.safetensors"
+        if path is not None and not path.is_file():
+            raise ConfigError(f"ConvNeXt folder '{folder}' has no convnext_small.safetensors (torchvision names)")
+        d0 = self.DIMS[0]
+        feats = [nn.Sequential(nn.Conv2d(3, d0, 4, stride=4), _LayerNorm2d(d0, eps=1e-6))]
+        for i, (n, d) in enumerate(zip(self.DEPTHS, self.DIMS)):
+            feats.append(nn.Sequential(*[_CNBlock(d) for _ in range(n)]))
+            if i < 3:
+                feats.append(nn.Sequential(_LayerNorm2d(d, eps=1e-6), nn.Conv2d(d, self.DIMS[i + 1], 2, stride=2)))
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Sequential(_LayerNorm2d(self.DIMS[-1], eps=1e-6), nn.Flatten(1),
+                                        nn.Linear(self.DIMS[-1], 1000))
+        if path is not None:
+            try:
+                self.load_state_dict(load_safetensors(path))
+            except RuntimeError as e:
+                raise ConfigError(f"'{path}' is not a torchvision convnext_small state dict ({str(e)[:200]})") from None
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+
+    def logits(self, x):
+        x = _resize((x + 1) / 2, 224)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        h = self.features((x - self.mean) / self.std)
+        return self.classifier(F.adaptive_avg_pool2d(h, 1))
+
+    def forward(self, a, b):
+        self.eval()
+        return torch.zeros((), device=a.device), (self.logits(a) - self.logits(b)).pow(2).mean()
+
+
+class PerceptualPair(nn.Module):
+    """P1 from the first network, P2 from the second (official: LPIPS and ConvNeXt-S)."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, a, b):
+        p1, _ = self.first(a, b)
+        _, p2 = self.second(a, b)
+        return p1, p2
+
+
+def build_perceptual(kind: str, source: str, second: str = ""):
+    """P1 network ``kind`` (``classifier``: the shipped classifier of ``source``, ``lpips:DIR``, ``none``) and P2
+    network ``second`` (empty: the first one's own second term, i.e. the classifier's logits; ``convnext:DIR``;
+    ``classifier``) -> a module returning (P1, P2), or None."""
     if kind == "none":
         return None
-    if kind == "classifier":
-        from genkit.eval.features import has_classifier
 
-        if not has_classifier(source):
-            raise ConfigError(f"loss.perceptual=classifier: no shipped classifier for source '{source}'; "
-                              "use loss.perceptual=lpips:DIR or none")
-        return ClassifierPerceptual(source)
-    if kind.startswith("lpips:"):
-        return LPIPS(kind.split(":", 1)[1])
-    raise ConfigError(f"loss.perceptual: '{kind}' is not classifier, lpips:DIR or none")
+    def one(k: str, key: str):
+        if k == "classifier":
+            from genkit.eval.features import has_classifier
+
+            if not has_classifier(source):
+                raise ConfigError(f"{key}=classifier: no shipped classifier for source '{source}'; use "
+                                  "lpips:DIR / convnext:DIR folders or none")
+            return ClassifierPerceptual(source)
+        if k.startswith("lpips:"):
+            return LPIPS(k.split(":", 1)[1])
+        if k.startswith("convnext:"):
+            return ConvNeXtLogits(k.split(":", 1)[1])
+        raise ConfigError(f"{key}: '{k}' is not classifier, lpips:DIR, convnext:DIR or none")
+
+    first = one(kind, "loss.perceptual")
+    return first if not second else PerceptualPair(first, one(second, "loss.perceptual2"))
 
 
 # ------------------------------------------------------------------------------------------------ GAN

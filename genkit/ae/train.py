@@ -56,8 +56,10 @@ class AEArch:
 class AELossConfig:
     kl_weight: float = field(1e-6, help="weight of KL(q(z|x) || N(0,I)) (scratch mode; taming/official 1e-6)",
                              min=0.0)
-    perceptual: str = field("classifier", help="perceptual network: classifier (genkit's shipped classifier of "
-                            "the data source), lpips:DIR (vgg16.safetensors + lpips_vgg.safetensors), or none")
+    perceptual: str = field("classifier", help="perceptual network P1: classifier (genkit's shipped classifier of "
+                            "the data source), lpips:DIR (vgg16.safetensors + lpips_vgg.safetensors; official), or none")
+    perceptual2: str = field("", help="network of the second term P2: empty = the first network's (the classifier's "
+                             "logits MSE), convnext:DIR (convnext_small.safetensors, torchvision names; official)")
     perceptual_weight: float = field(1.1, help="weight of the perceptual average (official 1.1)", min=0.0)
     second_weight: float = field(0.1, help="weight of the second perceptual term (classifier logits MSE; "
                                  "official ConvNeXt-S logits) inside the average (official 0.1)", min=0.0)
@@ -179,7 +181,8 @@ def train_ae(cfg: AERecipe, out: str | Path, *, quiet: bool = False) -> dict:
     ae.train()
     net = AEPass(ae, finetune, scale, t.noise_std)
     rt.write_config(cfg)
-    perceptual = build_perceptual(lc.perceptual, cfg.data.source) if lc.perceptual_weight > 0 else None
+    perceptual = build_perceptual(lc.perceptual, cfg.data.source, lc.perceptual2) if lc.perceptual_weight > 0 \
+        else None
     gan = GANLoss(Discriminator(c, lc.disc_width, lc.disc_stages, lc.disc_pool), lc.lecam_weight) \
         if lc.gan_weight > 0 else None
     loss_fn = DecoderLoss(perceptual, perceptual_weight=lc.perceptual_weight, second_weight=lc.second_weight,

@@ -104,6 +104,8 @@ def sample(
     if text:
         from genkit.models.text import encode_states, template_prompts
 
+        if not prompts and not text.get("templates"):
+            raise ConfigError("prompt: this flow was trained on its images' captions; give prompt=[...]")
         if not prompts:  # the first training template with every class name: the samples have labels
             prompts, prompt_labels = template_prompts(text["class_names"], text["templates"][:1])
         states = encode_states(prompts + [""], text["max_length"], encoder=text["encoder"]).hidden  # "" last

@@ -8,9 +8,11 @@ Training inputs (official ``train.py``): ``x = scale * sample(q(z|image)) + nois
 default caches the posterior means and stds of the training images once (``latent.cache``), which is the same
 distribution as encoding every batch.
 
-Captions: the data sources have labels, not captions, so a caption is a template ("a handwritten digit {name}")
-filled with the image's class name, the template drawn per image and step. Held-out templates are the test of
-text conditioning (``benchmarks/starflow.py``).
+Captions (``text.source``): ``templates`` - the built-in sources have labels, not captions, so a caption is a
+template ("a handwritten digit {name}") filled with the image's class name, the template drawn per image and step
+(held-out templates are the test of text conditioning in ``benchmarks/starflow.py``); ``captions`` - a folder
+source's own captions (``NAME.txt`` beside ``NAME.png``), encoded batch by batch as the official ``encode_text``
+does (the text encoder stays in memory, e.g. a flan-T5 folder at full scale).
 
 Sampling (official ``train.py`` / ``sample.py``): z ~ N(0, I) -> flow reverse (deep block first, guided) ->
 optionally Tweedie denoising of the latent, x + sigma^2 grad log p(x) with the flow's exact density and sigma =
@@ -21,6 +23,7 @@ latents is used instead) -> autoencoder decode -> clamp to [-1, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -52,6 +55,8 @@ class TextConfig:
 
     encoder: str = field("", help="text encoder: minilm (packaged all-MiniLM-L6-v2, offline), a local folder "
                          "(flan-T5, BERT, CLIP text), or empty for no text conditioning")
+    source: Literal["templates", "captions"] = field("templates", help="templates: class names filled into "
+                                                     "text.templates; captions: the image folder's NAME.txt files")
     max_length: int = field(16, help="caption tokens (padded with zeroed states; official txt_size 128)", min=1)
     templates: list[str] = field(default_factory=lambda: ["a handwritten digit {name}",
                                                           "the number {name}, written by hand",
@@ -72,6 +77,7 @@ class CaptionTable:
         if not cfg.templates:
             raise ConfigError("text.templates: give at least one caption template")
         self.templates, self.class_names = list(cfg.templates), list(class_names)
+        self.encoder_name = cfg.encoder
         prompts, _ = template_prompts(self.class_names, self.templates)
         self.prompts = prompts + [""]  # the empty caption last
         self.empty = len(self.prompts) - 1
@@ -98,6 +104,58 @@ class CaptionTable:
     def for_labels(self, labels: torch.Tensor, template: int = 0) -> torch.Tensor:
         """Caption ids of ``labels`` with one template."""
         return template * len(self.class_names) + labels
+
+    # the interface FlowSpace uses (shared with DataCaptions)
+    def batch(self, data, idx: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        return self.states(self.ids(data.labels[idx], seed, step))
+
+    def eval_states(self, data, rows: torch.Tensor) -> torch.Tensor:
+        return self.states(self.for_labels(data.labels[rows]))
+
+    def null(self, n: int) -> torch.Tensor:
+        return self.states(torch.full((n,), self.empty))
+
+    def prompt_states(self, labels=None, prompts=None) -> torch.Tensor:
+        if prompts is not None:
+            from genkit.models.text import encode_states
+
+            return encode_states(list(prompts), self.hidden.shape[1], encoder=self.encoder_name).hidden
+        return self.states(self.for_labels(torch.as_tensor(labels)))
+
+
+class DataCaptions:
+    """The images' own captions, encoded per batch by a text encoder kept in memory (official ``encode_text``:
+    ``padding="max_length"``, states times the attention mask); ``drop`` of them replaced by ""."""
+
+    def __init__(self, cfg: TextConfig, device="cpu"):
+        from genkit.models.text import TextEncoder
+
+        self.encoder = TextEncoder(cfg.encoder, device)
+        self.max_length, self.drop = cfg.max_length, cfg.drop
+        self.empty_states = self.encoder.encode([""], self.max_length).hidden  # (1, L, E)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.hidden_size
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encoder.encode(list(prompts), self.max_length).hidden
+
+    def batch(self, data, idx: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        dropped = torch.rand(idx.shape, generator=step_generator(seed, step, stream=32)) < self.drop
+        caps = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), dropped.tolist())]
+        return self.encode(caps)
+
+    def eval_states(self, data, rows: torch.Tensor) -> torch.Tensor:
+        return self.encode([data.captions[i] for i in rows.tolist()])
+
+    def null(self, n: int) -> torch.Tensor:
+        return self.empty_states.expand(n, -1, -1)
+
+    def prompt_states(self, labels=None, prompts=None) -> torch.Tensor:
+        if prompts is None:
+            raise ConfigError("this flow was trained on image captions: give prompts")
+        return self.encode(prompts)
 
 
 def posterior_stats(codec, images: torch.Tensor, batch_size: int = 256, device="cpu"):

@@ -209,7 +209,14 @@ class FlowSpace:
                 self.mean, self.std = posterior_stats(self.codec, images, device=device)
         else:
             self.shape = train.shape
-        if cfg.text.encoder:
+        if cfg.text.encoder and cfg.text.source == "captions":
+            from genkit.flows.latent import DataCaptions
+
+            if train.captions is None:
+                raise ConfigError(f"text.source=captions: source '{cfg.data.source}' has no captions (an image folder "
+                                  "with a NAME.txt beside every image)")
+            self.captions = DataCaptions(cfg.text, device)
+        elif cfg.text.encoder:
             if train.labels is None:
                 raise ConfigError(f"text.encoder: source '{cfg.data.source}' has no labels to fill the caption "
                                   "templates with")
@@ -251,9 +258,7 @@ class FlowSpace:
                 y[drop] = data.num_classes
         else:
             x, y = make_inputs(data, idx, cfg, seed, step)
-        txt = None
-        if self.captions is not None:
-            txt = self.captions.states(self.captions.ids(data.labels[idx], seed, step))
+        txt = None if self.captions is None else self.captions.batch(data, idx, seed, step)
         return x, y, txt
 
     def info(self) -> dict:
@@ -266,8 +271,9 @@ class FlowSpace:
         if self.captions is not None:
             t = self.cfg.text
             d["text"] = {"encoder": t.encoder if t.encoder == "minilm" else str(Path(t.encoder).resolve()),
-                         "max_length": t.max_length, "templates": self.captions.templates,
-                         "class_names": self.captions.class_names, "drop": t.drop}
+                         "max_length": t.max_length, "source": t.source, "drop": t.drop,
+                         "templates": getattr(self.captions, "templates", []),
+                         "class_names": getattr(self.captions, "class_names", [])}
         return d
 
 
@@ -413,7 +419,11 @@ def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict
         if cfg.eval.samples:
             nc = train.num_classes if (cfg.data.conditional or space.captions is not None) else 0
             labels = torch.arange(cfg.eval.samples) % nc if nc else None
-            x = sample_images(final, space, cfg.eval.samples, seed=seed, labels=labels, guidance=cfg.eval.guidance,
+            prompts = None
+            if cfg.text.encoder and cfg.text.source == "captions":  # the first test captions
+                prompts = [test.captions[i % len(test)] for i in range(cfg.eval.samples)]
+            x = sample_images(final, space, cfg.eval.samples, seed=seed, labels=labels, prompts=prompts,
+                              guidance=cfg.eval.guidance,
                               guidance_kind=cfg.eval.guidance_kind, annealed=cfg.eval.annealed_guidance,
                               denoise_latents=cfg.eval.denoise, device=rt.device)
             save_grid(x, rt.out / "samples.png")
@@ -460,9 +470,7 @@ def evaluate(model, space: FlowSpace, data: ImageData, rt, seed: int = 0, train_
         else:
             x, _ = make_inputs(data.subset(rows), torch.arange(len(rows)), space.cfg, seed + 99991, i)
         y = data.labels[rows] if (space.cfg.data.conditional and data.labels is not None) else None
-        txt = None
-        if space.captions is not None:
-            txt = space.captions.states(space.captions.for_labels(data.labels[rows]))
+        txt = None if space.captions is None else space.captions.eval_states(data, rows)
         x = x.to(rt.device)
         lp = model.log_prob(x, None if y is None else y.to(rt.device), *([] if txt is None else [txt.to(rt.device)]))
         total += float(-lp.double().sum())
@@ -537,15 +545,16 @@ def sample_flow(model, n: int, *, seed: int = 0, guidance: float = 0.0, num_clas
     return x.clamp(-1, 1) if clamp else x
 
 
-def sample_images(model, space: FlowSpace, n: int, *, seed: int = 0, labels=None, guidance: float = 0.0,
-                  guidance_kind: str = "starflow", annealed: bool = False, denoise_latents: bool = True,
-                  device="cpu", codec=None) -> torch.Tensor:
-    """Images in [-1, 1] from a trained flow of ``space``: class labels or the first-template captions of
-    ``labels``; latent flows denoise (Tweedie) and decode with ``codec`` (default: the training autoencoder)."""
+def sample_images(model, space: FlowSpace, n: int, *, seed: int = 0, labels=None, prompts=None,
+                  guidance: float = 0.0, guidance_kind: str = "starflow", annealed: bool = False,
+                  denoise_latents: bool = True, device="cpu", codec=None) -> torch.Tensor:
+    """Images in [-1, 1] from a trained flow of ``space``: class labels, or ``prompts``, or the first-template
+    captions of ``labels``; latent flows denoise (Tweedie) and decode with ``codec`` (default: the training
+    autoencoder)."""
     txt = txt_null = None
     if space.captions is not None:
-        txt = space.captions.states(space.captions.for_labels(torch.as_tensor(labels)))
-        txt_null = space.captions.states(torch.full((n,), space.captions.empty))
+        txt = space.captions.prompt_states(labels, prompts)
+        txt_null = space.captions.null(n)
     x = sample_flow(model, n, seed=seed, guidance=guidance, labels=labels if model.config.num_classes else None,
                     device=device, txt=txt, txt_null=txt_null, guidance_kind=guidance_kind, annealed=annealed,
                     clamp=not space.latent)

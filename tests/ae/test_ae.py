@@ -126,3 +126,28 @@ def test_bad_input_is_one_line(tmp_path):
     p = run_genkit("train-ae", "mode=finetune-decoder", f"ae={tmp_path / 'empty'}", "--out", tmp_path / "x",
                    check=False)
     assert p.returncode == 2 and "no config.json" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_convnext_folder_by_path(tmp_path):
+    """torchvision-named ConvNeXt-S weights (random here: no weights exist offline) load by folder; P2 = logits MSE."""
+    from safetensors.torch import save_file
+
+    from genkit.ae.losses import ConvNeXtLogits
+
+    with pytest.raises(ConfigError, match="convnext_small.safetensors"):
+        ConvNeXtLogits(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in ConvNeXtLogits(None).state_dict().items()
+          if k not in ("mean", "std")}
+    # torchvision's names and shapes (torchvision.models.convnext_small), e.g. stage 3 has 27 blocks of width 384
+    for k, shape in {"features.0.0.weight": (96, 3, 4, 4), "features.0.1.weight": (96,),
+                     "features.5.26.block.0.weight": (384, 1, 7, 7), "features.5.26.block.3.weight": (1536, 384),
+                     "features.5.26.layer_scale": (384, 1, 1), "features.6.1.weight": (768, 384, 2, 2),
+                     "classifier.0.weight": (768,), "classifier.2.weight": (1000, 768)}.items():
+        assert tuple(sd[k].shape) == shape, k
+    save_file(sd, str(tmp_path / "convnext_small.safetensors"))
+    cn = build_perceptual("classifier", "mnist5k", f"convnext:{tmp_path}")
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    p1, p2 = cn(x, x.flip(-1))
+    assert p1.item() == pytest.approx(ClassifierPerceptual("mnist5k")(x, x.flip(-1))[0].item()) and p2.item() > 0

