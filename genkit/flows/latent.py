@@ -173,10 +173,10 @@ def latent_inputs(codec, mean, std, noise_std: float, seed: int, step: int, *, s
     (seed, step)."""
     z = mean
     if sample:
-        z = mean + std * torch.randn(mean.shape, generator=step_generator(seed, step, stream=stream))
+        z = mean + std * torch.randn(mean.shape, generator=step_generator(seed, step, stream=stream)).to(mean)
     x = codec.scaled(z)
     if noise_std > 0:
-        x = x + noise_std * torch.randn(x.shape, generator=step_generator(seed, step, stream=stream + 1))
+        x = x + noise_std * torch.randn(x.shape, generator=step_generator(seed, step, stream=stream + 1)).to(x)
     return x
 
 

@@ -174,6 +174,11 @@ def build_flow(cfg: FlowRecipe, shape: tuple[int, int, int], num_classes: int, t
     return TarFlow(mcfg)
 
 
+def unit(data: ImageData, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` as bin centres (k + 0.5) / L * 2 - 1 (what the autoencoders see), without converting the rest."""
+    return (data.ints[idx].float() + 0.5) / data.levels * 2 - 1
+
+
 class FlowSpace:
     """Where the flow lives and what conditions it: pixels or autoencoder latents (cached posterior stats),
     class labels or caption states. ``inputs(idx, step)`` gives the batch (x, y, txt) of a training step."""
@@ -181,7 +186,7 @@ class FlowSpace:
     def __init__(self, cfg: FlowRecipe, train: ImageData, device="cpu"):
         from genkit.models.text import class_names_for
 
-        self.cfg, self.train = cfg, train
+        self.cfg, self.train, self.device = cfg, train, device
         self.codec = self.captions = None
         self.scale_source = ""
         lc = cfg.latent
@@ -196,9 +201,9 @@ class FlowSpace:
             if lc.channels and int(ae_cfg.get("latent_channels", 4)) != lc.channels:
                 raise ConfigError(f"latent.channels: the recipe expects {lc.channels} latent channels, '{lc.ae}' has "
                                   f"{ae_cfg.get('latent_channels')}")
-            images = train.to_unit()
-            self.codec, self.scale_source = load_codec(lc.ae, images=images[:2000], scaling_factor=lc.scaling_factor,
-                                                       device=device)
+            sub = torch.arange(min(len(train), 2000))
+            self.codec, self.scale_source = load_codec(lc.ae, images=unit(train, sub),
+                                                       scaling_factor=lc.scaling_factor, device=device)
             ds = self.codec.downsample
             if train.shape[1] % ds or train.shape[2] % ds:
                 raise ConfigError(f"latent.ae: {train.shape[1]}x{train.shape[2]} images do not fit the autoencoder's "
@@ -206,7 +211,7 @@ class FlowSpace:
             self.shape = (self.codec.latent_channels, train.shape[1] // ds, train.shape[2] // ds)
             self.mean = self.std = None
             if lc.cache:
-                self.mean, self.std = posterior_stats(self.codec, images, device=device)
+                self.mean, self.std = posterior_stats(self.codec, train.to_unit(), device=device)
         else:
             self.shape = train.shape
         if cfg.text.encoder and cfg.text.source == "captions":
@@ -238,7 +243,7 @@ class FlowSpace:
         """Training inputs of images in [-1, 1] (no cache): scaled posterior samples + noise."""
         from genkit.flows.latent import posterior_stats as stats
 
-        m, s = stats(self.codec, images)
+        m, s = stats(self.codec, images, device=self.device)
         return latent_inputs(self.codec, m, s, self.cfg.latent.noise_std, seed, step,
                              sample=self.cfg.latent.sample_posterior, stream=stream)
 
@@ -250,7 +255,7 @@ class FlowSpace:
                 x = latent_inputs(self.codec, self.mean[idx], self.std[idx], cfg.latent.noise_std, seed, step,
                                   sample=cfg.latent.sample_posterior)
             else:
-                x = self.latents_of(data.to_unit()[idx], seed, step)
+                x = self.latents_of(unit(data, idx), seed, step)
             y = None
             if cfg.data.conditional:
                 y = data.labels[idx].clone()
@@ -466,7 +471,7 @@ def evaluate(model, space: FlowSpace, data: ImageData, rt, seed: int = 0, train_
     for i in range(0, len(data), 256):
         rows = torch.arange(i, min(i + 256, len(data)))
         if space.latent:
-            x = space.latents_of(data.to_unit()[rows], seed + 99991, i, stream=51)
+            x = space.latents_of(unit(data, rows), seed + 99991, i, stream=51)
         else:
             x, _ = make_inputs(data.subset(rows), torch.arange(len(rows)), space.cfg, seed + 99991, i)
         y = data.labels[rows] if (space.cfg.data.conditional and data.labels is not None) else None
