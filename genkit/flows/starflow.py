@@ -10,7 +10,7 @@ official code github.com/apple/ml-starflow (`transformer_flow.py::Model`, `train
   sigma = softplus(a + log(e - 1)), outputs soft-clipped to 4 tanh(. / 4), final RMSNorm, RoPE;
 * conditioning (class labels, or text encoder hidden states with padding zeroed, prepended to the causal
   sequence) in the deep block only (official `cond_top_only: 1`), so the shallow blocks are unconditional;
-* guidance in the deep block only (`genkit.flows.tarflow.guide`, kind "starflow" by default, official cfg 2.5);
+* guidance in the deep block only (`genkit.flows.switches.guide`, kind "starflow" by default, official cfg 2.5);
 * block order `seq_order`: "L2R" (official t2i config) flips block 0 and alternates, so with an even number of
   blocks the deep block reads tokens in natural order; "R2L" (official default, TarFlow's) leaves block 0 as is.
 
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkit.errors import ConfigError
-from genkit.flows.tarflow import BlockSwitches, MetaBlock, TarFlowConfig
+from genkit.flows.switches import BlockSwitches
+from genkit.flows.tarflow import MetaBlock, TarFlowConfig
 
 MODEL_TYPE = "starflow"
 

@@ -498,7 +498,7 @@ def sample_flow(model, n: int, *, seed: int = 0, guidance: float = 0.0, num_clas
     Guidance (``TarFlow.reverse``): weight ``guidance`` on ``guide_what`` ('a', 'b' or 'ab'), the second pass at
     attention temperature ``attn_temp`` (None: ``default_attn_temp``), the weight ramped as g (i+1)/(T-1) with
     ``annealed`` (official ``evaluate_fid.py``). STARFlows guide their deep block only, with ``guidance_kind``
-    ("starflow": genkit.flows.tarflow.guide) and take caption states ``txt`` (``txt_null``: the empty caption's,
+    ("starflow": genkit.flows.switches.guide) and take caption states ``txt`` (``txt_null``: the empty caption's,
     the unconditional branch). ``denoise_sigma`` > 0 applies ``denoise`` *before* the clamp, as the official
     ``evaluate_fid.py`` and ``sample.ipynb`` do. Strong guidance can overflow exp(alpha) in a rare sample (the
     official sampler has no clamp either): ``stats['non_finite']`` counts the samples that came out non-finite,

@@ -8,7 +8,8 @@ import torch
 
 from genkit.errors import ConfigError
 from genkit.flows.starflow import StarFlow, StarFlowConfig, uniform_config
-from genkit.flows.tarflow import INV_SOFTPLUS_1, TarFlow, TarFlowConfig, guide, rope_angles
+from genkit.flows.switches import INV_SOFTPLUS_1, guide, rope_angles
+from genkit.flows.tarflow import TarFlow, TarFlowConfig
 
 torch.set_num_threads(1)
 
