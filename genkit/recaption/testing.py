@@ -184,17 +184,21 @@ class ShardServer:
     - ``missing``: names answered with 404 Not Found (even if the file exists).
     - ``stall[name] = N``: the first request sends ``N`` bytes, then goes silent until the server stops
       (bounded: the handler waits on the server's stop event).
+    - ``after_first[name] = other``: from the second request on, ``name`` serves the file ``other`` (a shard
+      whose content changes between a failed read and its retry).
     ``requests[name]`` counts the GETs per file.  Only the loopback address is used.
     """
 
     def __init__(self, folder: str | Path, *, drop_after: dict[str, int] | None = None,
-                 missing: set[str] | frozenset[str] = frozenset(), stall: dict[str, int] | None = None):
+                 missing: set[str] | frozenset[str] = frozenset(), stall: dict[str, int] | None = None,
+                 after_first: dict[str, str] | None = None):
         import threading
         from collections import Counter
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.folder = Path(folder)
         self.drop_after, self.missing, self.stall = dict(drop_after or {}), set(missing), dict(stall or {})
+        self.after_first = dict(after_first or {})
         self.requests: Counter = Counter()
         self._stop = threading.Event()
         server = self
@@ -209,7 +213,7 @@ class ShardServer:
                 name = self.path.lstrip("/").split("?")[0]
                 server.requests[name] += 1
                 first = server.requests[name] == 1
-                path = server.folder / name
+                path = server.folder / (name if first else server.after_first.get(name, name))
                 if name in server.missing or not path.is_file() or "/" in name:
                     body = b"not found"
                     self.send_response(404)
