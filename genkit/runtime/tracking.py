@@ -12,7 +12,8 @@ Offline by default:
 - ``tensorboard``: event files under ``RUN/tracking/<project>/`` (``tensorboard --logdir RUN/tracking``).
 - ``wandb``: ``mode=offline`` under ``RUN/tracking/wandb/`` unless ``WANDB_MODE`` is set in the environment
   (``WANDB_MODE=online`` to stream; or ``wandb sync RUN/tracking/wandb/offline-run-*`` later).
-- ``mlflow``: a file store at ``RUN/tracking/mlruns`` unless ``MLFLOW_TRACKING_URI`` is set.
+- ``mlflow``: a SQLite store ``RUN/tracking/mlflow.db`` with artifacts in ``RUN/tracking/mlartifacts``
+  unless ``MLFLOW_TRACKING_URI`` is set (MLflow 3 refuses its old file store).
 - ``trackio``: local-first (its own local database; ``trackio show`` opens the dashboard).
 
 Resumed runs append to the same tracker run: TensorBoard writes a new event file into the same folder,
@@ -28,7 +29,7 @@ import math
 import os
 from pathlib import Path
 
-from genkit.errors import ConfigError
+from genkit.errors import ConfigError, RunError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 EXTRA = "pip install 'genkit[tracking]'"
@@ -142,14 +143,19 @@ class Trackers:
         init = {
             "wandb": {"dir": str(folder), "mode": os.environ.get("WANDB_MODE") or "offline", "name": run_name,
                       "id": ids.get("wandb") or _new_id(), "resume": "allow"},
-            "mlflow": {"run_name": run_name, "run_id": ids.get("mlflow")},
+            "mlflow": {"run_name": run_name, "run_id": ids.get("mlflow"),
+                       "logging_dir": (folder / "mlartifacts").resolve().as_uri()},
             "trackio": {"name": ids.get("trackio") or run_name, "resume": "allow"},
         }
         if not os.environ.get("MLFLOW_TRACKING_URI") and any(t.name == "mlflow" for t in self._planned()):
             import mlflow
 
-            mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())
-        self.acc.init_trackers(self.project, config=None if resuming else flatten(config), init_kwargs=init)
+            mlflow.set_tracking_uri(f"sqlite:///{(folder / 'mlflow.db').resolve()}")
+        try:
+            self.acc.init_trackers(self.project, config=None if resuming else flatten(config), init_kwargs=init)
+        except Exception as e:  # noqa: BLE001 - a tracker that cannot start: one line, not a traceback
+            msg = (str(e).strip().splitlines() or [""])[0][:300]
+            raise RunError(f"runtime.log_with: a tracker failed to start ({type(e).__name__}: {msg})") from e
         self.started = True
         new = dict(ids)
         for t in self.acc.trackers:

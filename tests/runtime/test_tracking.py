@@ -110,3 +110,27 @@ def test_every_training_command_logs_its_scalars_and_grid(tmp_path, command):
         assert {e.step: e.value for e in ea.Scalars(tag)} == steps, tag
     m = json.loads((out / "metrics.json").read_text())
     assert bool(ea.Tags()["images"]) == bool(m.get("samples_png")), (ea.Tags()["images"], m.get("samples_png"))
+
+
+@pytest.mark.slow
+def test_wandb_offline_and_mlflow_local_continue_the_same_run_on_resume(tmp_path, monkeypatch):
+    """Needs `pip install 'genkit[tracking]'` (skipped otherwise): W&B offline, MLflow's local SQLite store."""
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    args = ["train-flow", *TINY, "eval.samples=4", "runtime.checkpoint_every=2", "runtime.threads=1",
+            "runtime.log_with=wandb,mlflow"]
+    out = tmp_path / "run"
+    for var in ("WANDB_MODE", "MLFLOW_TRACKING_URI"):  # the defaults: offline / local
+        monkeypatch.delenv(var, raising=False)
+    run_genkit(*args, "train.steps=4", "--out", out, "-q")
+    ids = json.loads((out / "tracking" / "runs.json").read_text())
+    run_genkit(*args, "train.steps=8", "--out", out, "-q")  # resumes at step 4
+    assert json.loads((out / "tracking" / "runs.json").read_text()) == ids
+    offline = sorted((out / "tracking" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(ids["wandb"]) for p in offline)  # one W&B run, synced as one
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'tracking' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_id == ids["mlflow"] and run.data.params["train.steps"] == "4"  # stored once, fresh run
+    hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert hist == {s: float(np.float32(v)) for s, v in logged(out)["loss"].items()}
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["samples.png"]
