@@ -4,7 +4,9 @@ Every training command gets them from :class:`genkit.runtime.Runtime`, with no c
 ``write_config`` starts the trackers (``Accelerator.init_trackers``, the resolved config as flat
 hyper-parameters), ``log`` sends the numeric values of each ``log.jsonl`` line (``Accelerator.log``, same
 step), and ``write_metrics`` sends the final figures (as ``final/<key>``), the final sample grid
-(``samples_png`` in the metrics) as an image where the tracker takes images, then ``end_training``.
+(``samples_png`` in the metrics) as an image where the tracker takes images, then each tracker's
+``finish`` (what ``end_training`` does, without its ``destroy_process_group``: the loops still
+synchronise the processes after ``write_metrics``, which runs on the main process only).
 ``log.jsonl`` stays the source of truth.
 
 Offline by default:
@@ -183,7 +185,7 @@ class Trackers:
             self.last_step = max(self.last_step, step)
 
     def finish(self, metrics: dict, image: str | os.PathLike | None) -> None:
-        """Final figures as ``final/<key>``, the sample grid as an image, then ``end_training``."""
+        """Final figures as ``final/<key>``, the sample grid as an image, then close the trackers."""
         if not (self.enabled and self.started):
             return
         step = self.last_step
@@ -193,7 +195,11 @@ class Trackers:
         if image is not None and Path(image).is_file():
             for t in self.acc.trackers:
                 _log_image(t, "samples", Path(image), step)
-        self.acc.end_training()
+        # Accelerator.end_training() would also destroy the process group, but write_metrics runs on the main
+        # process only and the loops still wait for everyone afterwards: close the trackers themselves
+        for t in self.acc.trackers:
+            t.finish()
+        self.acc.trackers = []
         self.started = False
 
 
