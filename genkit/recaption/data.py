@@ -301,7 +301,7 @@ class ShardStream(IterableDataset):
             if attempt:
                 time.sleep(min(pol.backoff * 2 ** (attempt - 1), pol.max_backoff))
             seen: dict[str, int] = {}
-            pos = 0
+            pos, skip = 0, len(done_keys)
             try:
                 with (open(spool, "wb") if spool else contextlib.nullcontext()) as tee:
                     for raw in iter_tar_samples(task.url, stall_timeout=pol.stall_timeout, tee=tee):
@@ -333,7 +333,7 @@ class ShardStream(IterableDataset):
                 errors.append(str(e))
                 continue
             state["chunk"].finished.append(task.index)
-            state["chunk"].streams[task.index] = {"attempts": attempt + 1, "errors": errors}
+            state["chunk"].streams[task.index] = {"attempts": attempt + 1, "errors": errors, "skipped": skip}
             return
         self._give_up(task, state, errors, pol.retries + 1, spool)
 

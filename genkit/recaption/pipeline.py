@@ -37,9 +37,9 @@ redoes the others from scratch.  ``retry_failed`` re-captions only the rows whos
 (after a filter was relaxed, a transient failure, a fixed decoder) and merges them by key.
 
 Scale: under ``accelerate launch``/``torchrun`` rank ``r`` of ``N`` takes shards ``r, r + N, ...`` of
-the expanded list (brace order; globs and folders sorted; deterministic, independent of what is already done, so every shard has exactly one
-owner); ranks never exchange captions, and the last rank to finish merges the per-rank metrics.
-Memory is flat in the number of shards: samples stream through DataLoader workers and only the rows of
+the expanded list (brace order; globs and folders sorted; deterministic, independent of what is already
+done, so every shard has exactly one owner); ranks never exchange captions, and the last rank to finish
+merges the per-rank metrics.  Memory is flat in the number of shards: samples stream through DataLoader workers and only the rows of
 the shards in flight are held.
 """
 
@@ -296,7 +296,10 @@ class _Finisher:
             "this_run": {"samples": done_now, "ok": ok_now, "retry_failed": task.only_keys is not None,
                          "seconds": round(seconds, 3), "images_per_second": ok_now / seconds,
                          "generated_tokens": state.tokens, "tokens_per_second": state.tokens / seconds},
-            "stream": {"attempts": stream.get("attempts", 1), "errors": stream.get("errors", [])},
+            # attempts, the error of each failed one, and how many samples (handed on before the last
+            # failure) the successful re-read skipped
+            "stream": {"attempts": stream.get("attempts", 1), "errors": stream.get("errors", []),
+                       "skipped": stream.get("skipped", 0)},
             "rank": self.rank, "world_size": self.world,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "settings": self.settings,

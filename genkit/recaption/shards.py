@@ -17,8 +17,8 @@ What the library cannot express, and the own code kept for it:
 - *Why a cut shard ended.*  webdataset's ``tar_file_iterator`` iterates ``tarfile`` in stream mode with the
   default ``TarInfo`` and no handle on the ``TarFile``.  In stream mode ``tarfile`` ends silently when the data
   stops exactly between two members or inside a header (``EmptyHeaderError`` / ``TruncatedHeaderError`` after
-  offset 0 mean "end"), so a shard cut at a member boundary passes for a complete one and its loss is never
-  recorded; group_by_keys also drops the sample being read when the data is cut inside it.  genkit therefore
+  offset 0 mean "end"), so a shard cut at a member boundary or inside a header passes for a complete one and
+  its loss is never recorded (checked with webdataset 1.0.2's ``tarfile_samples``).  genkit therefore
   runs its own ~40-line loop over ``tarfile.open(fileobj=<webdataset stream>, mode="r|*", tarinfo=_TarInfo)``,
   whose ``TarInfo`` remembers why ``tarfile`` stopped, and records every cut (see :func:`iter_tar_samples`).
 - *Transport failure vs damaged data.*  A failed ``curl`` or pipe command surfaces in webdataset's ``Pipe``
@@ -27,8 +27,9 @@ What the library cannot express, and the own code kept for it:
   404 or a failed command raises :class:`StreamError` (the shard is retried from its start by
   :mod:`genkit.recaption.data`) instead of being recorded as a truncated shard.
 - *A stalled server.*  ``gopen``'s curl has a connect timeout but no transfer timeout; a server that stops
-  sending mid-body would block forever.  :class:`_Watchdog` kills the stream's process after ``stall_timeout``
-  seconds without a byte (http(s) and ``pipe:`` streams; fsspec backends use their own timeouts).
+  sending mid-body would block forever.  :class:`_Watchdog` kills the stream's process when one read of at
+  most 64 KiB has waited ``stall_timeout`` seconds (http(s) and ``pipe:`` streams; fsspec backends use their
+  own timeouts).
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ class _Stream(io.RawIOBase):
     def _failure(self, e: Exception) -> StreamError:
         where = f" after {self.nbytes} bytes" if self.nbytes else ""
         if self.watchdog is not None and self.watchdog.stalled:
-            return StreamError(f"stalled: no data for {self.watchdog.timeout:g} s{where}")
+            return StreamError(f"stalled: a read waited {self.watchdog.timeout:g} s for data{where}")
         status = getattr(self.f, "status", None)
         if status is None and getattr(self.f, "proc", None) is not None:
             status = self.f.proc.poll()
