@@ -32,7 +32,9 @@ when it has *seen* the test finish:
   a pipe descriptor and ``os.write`` bound before any user code runs.  ``sys.exit``/``SystemExit`` and every
   other exception fail the test; ``os._exit``, ``exec`` or a crash end the run with the remaining tests
   failed (status ``exited``).  The marker travels on its own pipe (not stdout), so a program's prints can
-  neither forge it nor push it past the stdout cap.
+  neither forge it nor push it past the stdout cap.  This guards against early exits and accidental
+  look-alikes, not against a program that digs the marker out of the interpreter's own frames or memory
+  (it shares the process with the launcher); the launcher's names are removed from ``__main__``.
 
 Where namespaces are refused (no ``unshare``, a container without CAP_SYS_ADMIN, unprivileged user
 namespaces disabled), the sandbox falls back to rlimits (plus the uid drop when root), and
@@ -53,9 +55,9 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 from genkit.errors import ConfigError, RunError
 
@@ -100,10 +102,13 @@ if cfg["mounts"] or cfg["uid"] is not None:
 os.chdir(work)
 for name, soft, hard in cfg["rlimits"]:
     resource.setrlimit(getattr(resource, name), (soft, hard))
-def _run(cfg, write=os.write, mfd=cfg["mfd"], tag=cfg["marker"].encode(), compile=compile, exec=exec,
-         repr=repr, type=type, len=len, enumerate=enumerate, flush=sys.stdout.flush, BaseException=BaseException):
+def _run(cfg, write=os.write, exit=os._exit, mfd=cfg["mfd"], tag=cfg["marker"].encode(), compile=compile,
+         exec=exec, type=type, enumerate=enumerate, flush=sys.stdout.flush, BaseException=BaseException,
+         builtins=builtins, main=sys.modules["__main__"].__dict__):
     program, tests = cfg["program"], cfg["tests"] or [""]
     cfg.clear()
+    for k in [k for k in main if not k.startswith("__")]:
+        del main[k]  # nothing of the launcher left in `import __main__`
     write(mfd, tag + b" ready\n")
     for i, test in enumerate(tests):
         try:
@@ -125,7 +130,7 @@ def _run(cfg, write=os.write, mfd=cfg["mfd"], tag=cfg["marker"].encode(), compil
     except BaseException:
         pass
     write(mfd, tag + b" done\n")
-    os._exit(0)
+    exit(0)
 _run(cfg)
 """
 
@@ -232,7 +237,8 @@ def _candidate_modes(python: str | None) -> list[_Mode]:
 
 
 def _probe(mode: _Mode) -> SandboxResult:
-    return _execute(mode, PROBE_PROGRAM, ["assert math.gcd(12, 18) == 6"], 10.0, Limits())
+    # a generous deadline: a probe that times out on a loaded machine would settle on a weaker level
+    return _execute(mode, PROBE_PROGRAM, ["assert math.gcd(12, 18) == 6"], 30.0, Limits())
 
 
 def _mode(lim: Limits) -> _Mode:
@@ -405,17 +411,29 @@ def run_tests(program: str, tests: Sequence[str], *, timeout: float = 5.0, **lim
 
 
 def run_many(jobs: Sequence[tuple[str, Sequence[str]]], *, workers: int = 2, timeout: float = 5.0,
-             **limits) -> list[SandboxResult]:
-    """:func:`run_tests` over (program, tests) pairs, `workers` sandboxes at a time, results in input order."""
+             callback: Callable[[int, SandboxResult], None] | None = None, **limits) -> list[SandboxResult]:
+    """:func:`run_tests` over (program, tests) pairs, `workers` sandboxes at a time, results in input order;
+    ``callback(i, result)`` (e.g. a progress bar) is called in this thread as each one finishes."""
     lim = _limits(limits)
     if not timeout > 0:
         raise ConfigError(f"sandbox timeout={timeout} must be positive")
     mode = _mode(lim)
     jobs = [(str(p), [str(t) for t in ts]) for p, ts in jobs]
-    if workers <= 1 or len(jobs) <= 1:
-        return [_execute(mode, p, ts, float(timeout), lim) for p, ts in jobs]
+    out: list = [None] * len(jobs)
+    if int(workers) <= 1 or len(jobs) <= 1:
+        for i, (p, ts) in enumerate(jobs):
+            out[i] = _execute(mode, p, ts, float(timeout), lim)
+            if callback is not None:
+                callback(i, out[i])
+        return out
     with ThreadPoolExecutor(max_workers=int(workers)) as pool:
-        return list(pool.map(lambda j: _execute(mode, j[0], j[1], float(timeout), lim), jobs))
+        futs = {pool.submit(_execute, mode, p, ts, float(timeout), lim): i for i, (p, ts) in enumerate(jobs)}
+        for f in as_completed(futs):
+            i = futs[f]
+            out[i] = f.result()
+            if callback is not None:
+                callback(i, out[i])
+    return out
 
 
 __all__ = ["SandboxResult", "Limits", "run_tests", "run_many", "isolation_level", "sandbox_python", "LAUNCHER",

@@ -65,6 +65,9 @@ def test_marker_cannot_be_forged_from_user_code(iso):
                    "    except OSError:\n        pass\nprint('pass 0')\nos._exit(0)\n")
     r = S.run_tests(prog, GOOD_TESTS, isolation=iso)
     assert r.passed == [False, False] and r.status == "exited"
+    # the launcher leaves nothing in __main__ that holds the marker
+    r = S.run_tests("import __main__\nnames = [k for k in vars(__main__) if not k.startswith('__')]", ["assert names == []"])
+    assert r.passed == [True], r
 
 
 def test_environment_stdin_and_cwd():
