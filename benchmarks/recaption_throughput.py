@@ -1,7 +1,7 @@
 """Recaption throughput: the full pipeline vs a bare ``model.generate`` loop, shards over HTTP vs local files,
 and peak memory vs shard count.
 
-    python benchmarks/recaption_throughput.py            # ~6-8 min on 2 CPU cores; JSON to benchmarks/results/
+    python benchmarks/recaption_throughput.py            # ~10 min on 2 busy CPU cores; JSON to benchmarks/results/
     python benchmarks/recaption_throughput.py --parts http   # only the HTTP-vs-local comparison
 
 Side by side in one process, on the same randomly initialised LLaVA folder (CLIP ViT + Llama, built from a
