@@ -268,6 +268,7 @@ def train_ae(cfg: AERecipe, out: str | Path, *, quiet: bool = False) -> dict:
         metrics["ae"] = str(rt.out / "ae")
         if cfg.eval_images:
             metrics.update(evaluate_ae(ae, test, cfg.eval_images, scale, t.noise_std, seed, rt.out / "recon.png"))
+            metrics["samples_png"] = str(rt.out / "recon.png")  # the grid trackers receive (runtime.log_with)
     rt.write_metrics(metrics)
     rt.wait()
     return metrics
