@@ -552,7 +552,8 @@ def sample_flow(model, n: int, *, seed: int = 0, guidance: float = 0.0, num_clas
 
 def sample_images(model, space: FlowSpace, n: int, *, seed: int = 0, labels=None, prompts=None,
                   guidance: float = 0.0, guidance_kind: str = "starflow", annealed: bool = False,
-                  denoise_latents: bool = True, device="cpu", codec=None) -> torch.Tensor:
+                  denoise_latents: bool = True, device="cpu", codec=None, resample_nonfinite: bool = False,
+                  stats: dict | None = None) -> torch.Tensor:
     """Images in [-1, 1] from a trained flow of ``space``: class labels, or ``prompts``, or the first-template
     captions of ``labels``; latent flows denoise (Tweedie) and decode with ``codec`` (default: the training
     autoencoder)."""
@@ -562,7 +563,7 @@ def sample_images(model, space: FlowSpace, n: int, *, seed: int = 0, labels=None
         txt_null = space.captions.null(n)
     x = sample_flow(model, n, seed=seed, guidance=guidance, labels=labels if model.config.num_classes else None,
                     device=device, txt=txt, txt_null=txt_null, guidance_kind=guidance_kind, annealed=annealed,
-                    clamp=not space.latent)
+                    clamp=not space.latent, resample_nonfinite=resample_nonfinite, stats=stats)
     if not space.latent:
         return x
     return latents_to_images(model, x, codec or space.codec, sigma=space.cfg.latent.noise_std if denoise_latents
