@@ -11,7 +11,7 @@ from __future__ import annotations
 from genkit.errors import ConfigError
 from genkit.samplers.dpm_solver import sample_dpmpp_2m
 from genkit.samplers.edm import sample_euler, sample_heun
-from genkit.samplers.schedules import SCHEDULES, get_sigmas_exponential, get_sigmas_karras
+from genkit.samplers.schedules import SCHEDULES, get_sigmas_exponential, get_sigmas_karras, get_sigmas_uniform_t
 from genkit.samplers.tada import sample_tada
 from genkit.samplers.unipc import sample_unipc
 
@@ -63,9 +63,11 @@ def sigmas_for_nfe(name: str, nfe: int, sigma_min: float = 0.002, sigma_max: flo
     n = steps_for_nfe(name, nfe)
     if schedule == "karras":
         return get_sigmas_karras(n, sigma_min, sigma_max, rho)
+    if schedule == "uniform-t":
+        return get_sigmas_uniform_t(n, sigma_min, sigma_max)
     return get_sigmas_exponential(n, sigma_min, sigma_max)
 
 
 __all__ = ["SAMPLERS", "MIN_NFE", "get_sampler", "steps_for_nfe", "expected_nfe", "sigmas_for_nfe",
-           "get_sigmas_karras", "get_sigmas_exponential", "sample_euler", "sample_heun", "sample_dpmpp_2m",
-           "sample_unipc", "sample_tada"]
+           "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_uniform_t", "sample_euler", "sample_heun",
+           "sample_dpmpp_2m", "sample_unipc", "sample_tada"]

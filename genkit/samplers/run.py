@@ -29,7 +29,8 @@ class DiffusionSampleConfig:
     sigma_min: float = field(0.0, help="smallest sigma of the schedule (0 = the model's, else 0.002)", min=0.0)
     sigma_max: float = field(0.0, help="largest sigma (0 = the model's, else 80)", min=0.0)
     rho: float = field(7.0, help="Karras schedule exponent", min=1.0)
-    schedule: Literal["karras", "exponential"] = field("karras", help="sigma schedule")
+    schedule: Literal["karras", "exponential", "uniform-t"] = field(
+        "karras", help="sigma schedule: Karras rho, log-uniform, or uniform in t of TADA's N=2 system")
     order: int = field(2, help="TADA: order N of the chain of integrators (2 = position + velocity, the "
                        "paper's default; 1 = flow matching, which is DDIM)", min=1, max=6)
     k: float = field(1.0, help="TADA: detail knob, initial variance of the last augmented variable (> 0)")

@@ -1,7 +1,8 @@
 """UniPC: Zhao, Bai, Rao, Zhou, Lu 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
-Diffusion Models" (arXiv 2302.04867), multistep UniP-p predictor and UniC-p corrector in the B(h) form (Sec. 3,
-Algorithms 2-3 of the paper's appendix), data prediction, as diffusers' ``UniPCMultistepScheduler`` runs it
-(``predict_x0=True``, ``solver_type="bh2"``, ``lower_order_final=True``), written in the VE sigma
+Diffusion Models" (arXiv 2302.04867): the multistep UniP-p predictor and UniC-p corrector in the B(h) form
+(official code wl-zhao/UniPC ``multistep_uni_pc_bh_update``), data prediction, as diffusers'
+``UniPCMultistepScheduler`` runs it (``predict_x0=True``, ``solver_type="bh2"`` by default; the official
+score_sde example defaults to "bh1"; ``lower_order_final=True``), written in the VE sigma
 parameterisation: with lambda = -log sigma the data-prediction updates do not depend on the VP scale alpha
 (as for DPM-Solver++ in ``dpm_solver.py``). ``tests/samplers/test_unipc.py`` checks parity with diffusers.
 
@@ -12,13 +13,13 @@ Per step i (h = lambda_{i+1} - lambda_i > 0, D_i = D(x_i, sigma_i), one denoiser
     predictor (UniP-p):
         x_{i+1} = (sigma_{i+1}/sigma_i) x_i - expm1(-h) D_i - B(h) sum_k rho^p_k D1_k,
     with r_k = (lambda_{i-k} - lambda_i) / h, D1_k = (D_{i-k} - D_i) / r_k (k = 1..p-1), B(h) = expm1(-h) ("bh2")
-    or -h ("bh1"); rho solves sum_k rho_k r_k^(m-1) = g_m, g_m = m! phi_{m+1}(-h) (-h)^... / B(h) in the
-    recursive form below (m = 1..p for the corrector, 1..p-1 for the predictor; rho^p = 1/2 at p = 2 and
-    rho^c = 1/2 at p' = 1, as in the official code).
+    or -h ("bh1"). rho solves the Vandermonde system sum_k rho_k r_k^(m-1) = g_m (m = 1..p-1 for the predictor;
+    m = 1..p' with r_{p'} = 1 for the corrector), g_m = m! psi_m / B(h) with hh = -h, psi_1 = expm1(hh)/hh - 1,
+    psi_{m+1} = psi_m / hh - 1/(m+1)!; rho^p = 1/2 at p = 2 and rho^c = 1/2 at p' = 1, as in the official code.
 
 The corrector reuses the call made at the new point, so UniPC spends one call per step like DPM-Solver++(2M).
 The order drops to min(p, steps left) near the end (``lower_order_final``); the step to sigma = 0 returns D
-at the last positive sigma. NFE = number of positive sigmas.
+at the last positive sigma (the official code skips the corrector there, diffusers runs it; neither changes D). NFE = number of positive sigmas.
 """
 
 from __future__ import annotations

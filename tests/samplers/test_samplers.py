@@ -155,7 +155,9 @@ def test_steps_for_nfe_values():
     assert [steps_for_nfe(s, 10) for s in ("euler", "dpmpp-2m", "unipc", "tada")] == [10, 10, 10, 10]
     exp = sigmas_for_nfe("dpmpp-2m", 4, schedule="exponential")
     torch.testing.assert_close(exp, get_sigmas_exponential(4))
-    with pytest.raises(ConfigError, match="unknown schedule 'cosine'; valid schedules: karras, exponential"):
+    uni = sigmas_for_nfe("heun", 5, schedule="uniform-t")  # 3 steps, uniform in TADA's t
+    assert len(uni) == 4 and uni[-1] == 0 and float(uni[0]) == 80.0 and abs(float(uni[2]) - 0.002) < 1e-15
+    with pytest.raises(ConfigError, match="unknown schedule 'cosine'; valid schedules: karras, exponential, uniform-t"):
         sigmas_for_nfe("euler", 4, schedule="cosine")
 
 
