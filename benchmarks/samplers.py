@@ -87,6 +87,8 @@ def plot(summary, path):
         ax.set_xlabel("NFE")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(NFES, [str(v) for v in NFES])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(f"EDM digits teacher, {grid} grid (mean +- std over {len(SEEDS)} seeds)", fontsize=9)
     axes[0].set_ylabel("fd-digits (lower is better)")
     axes[0].legend()

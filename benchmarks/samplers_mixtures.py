@@ -227,6 +227,9 @@ def plot(payload, path):
             ax.axhline(payload["floors"][mix][metric], color="k", lw=0.8, ls=":", label="exact samples")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            nfes = payload["config"]["nfes"]
+            ax.set_xticks(nfes, [str(v) for v in nfes])
+            ax.minorticks_off()
             ax.set_xlabel("NFE")
             ax.set_title(f"{mix}, {grid} grid: {metric} (mean +- std, {payload['config']['seeds'].__len__()} seeds)",
                          fontsize=9)
