@@ -265,6 +265,6 @@ def sample_tada(denoiser, x, sigmas, *, callback=None, order: int = 2, k: float 
         w = torch.as_tensor(dyn.ab_weights(t_i, t_next, [t for t, _ in history]), dtype=x.dtype,
                             device=x.device)  # (L, N)
         state = torch.einsum("nq,q...->n...", e, state)  # (T8) exact open-loop part
-        for l, (_, f_l) in enumerate(history):  # (T8) Adams-Bashforth on F
-            state = state + w[l].reshape(n, *([1] * x.ndim)) * f_l[None]
+        for j, (_, f_j) in enumerate(history):  # (T8) Adams-Bashforth on F: F_i, F_{i-1}, ...
+            state = state + w[j].reshape(n, *([1] * x.ndim)) * f_j[None]
     return torch.einsum("n,n...->...", proj[-1], state)  # schedule ended above 0 (T9)

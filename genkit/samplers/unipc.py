@@ -8,18 +8,21 @@ parameterisation: with lambda = -log sigma the data-prediction updates do not de
 
 Per step i (h = lambda_{i+1} - lambda_i > 0, D_i = D(x_i, sigma_i), one denoiser call per step):
 
-    corrector (UniC-p', i > 0, p' the order of the previous predictor), applied to x_i with the call at x_i:
-        x_i <- (sigma_i/sigma_{i-1}) x_{i-1} - expm1(-h') D_{i-1} - B(h') (sum_k rho^c_k D1_k + rho^c_p' (D_i - D_{i-1}))
-    predictor (UniP-p):
-        x_{i+1} = (sigma_{i+1}/sigma_i) x_i - expm1(-h) D_i - B(h) sum_k rho^p_k D1_k,
-    with r_k = (lambda_{i-k} - lambda_i) / h, D1_k = (D_{i-k} - D_i) / r_k (k = 1..p-1), B(h) = expm1(-h) ("bh2")
-    or -h ("bh1"). rho solves the Vandermonde system sum_k rho_k r_k^(m-1) = g_m (m = 1..p-1 for the predictor;
-    m = 1..p' with r_{p'} = 1 for the corrector), g_m = m! psi_m / B(h) with hh = -h, psi_1 = expm1(hh)/hh - 1,
-    psi_{m+1} = psi_m / hh - 1/(m+1)!; rho^p = 1/2 at p = 2 and rho^c = 1/2 at p' = 1, as in the official code.
+    predictor (UniP-p) from x_i:
+        x_{i+1} = (sigma_{i+1}/sigma_i) x_i - expm1(-h) D_i - B(h) sum_{k<p} rho^p_k D1_k,
+        r_k = (lambda_{i-k} - lambda_i) / h,  D1_k = (D_{i-k} - D_i) / r_k  (k = 1..p-1);
+    corrector (UniC-p', p' the order of the predictor that produced x_{i+1}), once D_{i+1} = D(x_{i+1}) is known:
+        x_{i+1} <- (sigma_{i+1}/sigma_i) x_i - expm1(-h) D_i
+                   - B(h) (sum_{k<p'} rho^c_k D1_k + rho^c_{p'} (D_{i+1} - D_i))    (r_{p'} = 1);
+    B(h) = expm1(-h) ("bh2") or -h ("bh1"). rho solves the Vandermonde system sum_k rho_k r_k^(m-1) = g_m
+    (m = 1..p-1 for the predictor, 1..p' for the corrector), g_m = m! psi_m / B(h) with hh = -h,
+    psi_1 = expm1(hh)/hh - 1, psi_{m+1} = psi_m / hh - 1/(m+1)!; rho^p = 1/2 at p = 2 and rho^c = 1/2 at
+    p' = 1, as in the official code.
 
 The corrector reuses the call made at the new point, so UniPC spends one call per step like DPM-Solver++(2M).
 The order drops to min(p, steps left) near the end (``lower_order_final``); the step to sigma = 0 returns D
-at the last positive sigma (the official code skips the corrector there, diffusers runs it; neither changes D). NFE = number of positive sigmas.
+at the last positive sigma (the official code skips the corrector there, diffusers runs it; neither changes
+D). NFE = number of positive sigmas.
 """
 
 from __future__ import annotations
