@@ -69,7 +69,9 @@ def sample(
     Writes samples.png (image grid, or a scatter plot for 2-D mixtures), samples.npz and metrics.json
     (NFE counted by wrapping the denoiser, seconds, settings; exact metrics for mixtures) to --out.
 
-    Flows: genkit sample --ckpt runs/digits --n 64 cfg=1.5 denoise=true --out runs/digits/samples
+    Flows: genkit sample --ckpt runs/digits-cond --n 100 cfg=2 denoise=true --out runs/digits-cond/cfg2
+
+    Unconditional flows: genkit sample --ckpt runs/digits --n 64 cfg=1 --out runs/digits/cfg1
 
     STARFlow: genkit sample --ckpt runs/sf-text --n 16 prompt="[a handwritten digit seven]" cfg=2.5 denoise=true
     (latent flows decode with their autoencoder, or with ae=DIR)
