@@ -14,7 +14,8 @@ flows     deep-shallow [1, 1, 1, 5] vs uniform [2, 2, 2, 2] (same parameter coun
           the noisy scaled latents) and fd-mnist of 1,000 samples (w = 0, Tweedie, decoded, centre 28x28 crop).
 pixel     latent STARFlow (16 tokens) vs a pixel TarFlow (49 tokens, 28x28, patch 4, [2, 2, 2, 2] x 128) trained
           for the same wall-clock time (its steps set from the two models' step times measured back to back):
-          sampling speed (100 samples, best of 3, latent time includes Tweedie and decoding) and fd-mnist.
+          sampling speed (100 samples in one batch, best of 3, the latent pipeline timed in parts: flow, decode,
+          Tweedie + decode) and fd-mnist.
 finetune  decoder fine-tuning (recipes/train-ae/finetune-decoder-mnist5k.yaml) vs Tweedie denoising of the latent:
           fd-mnist of the same 1,000 sampled latents decoded four ways.
 guidance  STARFlow guidance (and TarFlow's, same model) at w = 0 .. 8: class accuracy of 500 samples under the
@@ -368,6 +369,9 @@ def main():
     res = json.loads(out.read_text()) if out.is_file() else {}
     parts = args.only.split(",")
     res["settings"] = {**vars(args), "load_at_start": load()}
+    # every invocation's settings are kept: a rerun of some parts must not hide how the reused parts were run
+    res.setdefault("invocations", []).append({**res["settings"], "out": str(args.out),
+                                              "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
     ae = part_ae(args, res)  # every later part needs the autoencoder (reused when trained)
     atomic_write_json(out, res)
     latent_run = ROOT / "ds-1115-s0"
