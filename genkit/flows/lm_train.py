@@ -98,6 +98,7 @@ class LMEvalConfig:
     batch_size: int = field(64, help="evaluation batch size (windows)", min=1)
     eval_every: int = field(0, help="also compute the bits per character every N steps (0 = only at the end)",
                             min=0)
+    every_windows: int = field(256, help="windows of the split scored every eval.eval_every steps", min=1)
     samples: int = field(4, help="text samples written to samples.txt (0 = none)", min=0)
     passes: bool = field(True, help="also write each sample's state after every layer pass (multi-pass)")
     baseline: list[str] = field(default_factory=list, help="same-size baselines trained in the same run: ar "
@@ -258,9 +259,9 @@ class LMObjective:
     def report(self, loss: float) -> dict:
         return {"loss": loss, "train_bpc": loss / math.log(2)}
 
-    def evaluate(self, model, rt, split_data: TextData | None = None, max_windows: int = 0) -> dict:
-        return {f"{self.cfg.eval.split}_bpc": evaluate_bpc(self, model, split_data or self.test, rt,
-                                                           max_windows or self.cfg.eval.max_windows)}
+    def evaluate(self, model, rt) -> dict:
+        """The figure logged every eval.eval_every steps (the first eval.every_windows windows)."""
+        return {f"{self.cfg.eval.split}_bpc": evaluate_bpc(self, model, self.test, rt, self.cfg.eval.every_windows)}
 
 
 @torch.no_grad()
