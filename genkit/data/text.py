@@ -109,16 +109,25 @@ def _chars_ids(text: str, symbols: str) -> torch.Tensor:
     return torch.from_numpy(ids)
 
 
+def load_hf_tokenizer(folder: str):
+    """A Hugging Face tokenizer from a local folder (GPT-2's: vocab.json + merges.txt, or tokenizer.json)."""
+    f = Path(folder)
+    if not any((f / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise ConfigError(f"data.tokenizer: no Hugging Face tokenizer files in '{folder}' (tokenizer.json or "
+                          "vocab.json + merges.txt)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(f), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; one line for the user
+        raise ConfigError(f"data.tokenizer: could not load '{folder}': {str(e).splitlines()[0]}") from None
+
+
 @functools.lru_cache(maxsize=2)
 def _load_stream(source: str, path: str, alphabet: str, tokenizer: str) -> TextData:
     """The whole corpus as one TextData (before splitting)."""
     if tokenizer:
-        from genkit.dllm.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
-        if tok is None:
-            raise ConfigError(f"data.tokenizer: no tokenizer in '{tokenizer}'")
-        hf = getattr(tok, "tok", tok)
+        hf = load_hf_tokenizer(tokenizer)
         p = Path(source)
         if not p.is_file():
             raise ConfigError(f"data.source: '{source}' is not a file (with data.tokenizer give a text file "
@@ -126,7 +135,8 @@ def _load_stream(source: str, path: str, alphabet: str, tokenizer: str) -> TextD
         if p.suffix == ".bin":
             ids = torch.from_numpy(np.fromfile(p, dtype=np.uint16).astype(np.int64))
         else:
-            ids = torch.tensor(hf(p.read_text(encoding="utf-8", errors="replace"))["input_ids"], dtype=torch.long)
+            ids = torch.tensor(hf(p.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)[
+                "input_ids"], dtype=torch.long)
         vocab = len(hf)
         if ids.numel() and int(ids.max()) >= vocab:
             raise ConfigError(f"data.source: token id {int(ids.max())} is outside the tokenizer's vocabulary "

@@ -499,9 +499,10 @@ class TarFlowLM(nn.Module):
         c = self.config
         u = torch.randn((n, c.seq_len, c.latent_dim), generator=generator, dtype=torch.float64)
         u = (temperature * u).to(device=device, dtype=_up(self.mu).dtype)
+        if not passes:
+            return self.decode(self.reverse(u))
         z, states = self.reverse(u, passes=True)
-        ids = self.decode(z)
-        return (ids, [self.decode(s) for s in states]) if passes else ids
+        return self.decode(z), [self.decode(s) for s in states]
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save_pretrained(self, folder) -> Path:

@@ -8,6 +8,7 @@ process with the same global batch.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -238,6 +239,10 @@ def fit(rt: Runtime, model, opt, objective, t, *, model_config: dict, ema=None, 
             if rt.cfg.checkpoint_every and done % rt.cfg.checkpoint_every == 0 and done < t.steps:
                 rt.save_checkpoint(done, model, opt, config=model_config, ema=ema)
     rt.save_checkpoint(t.steps, model, opt, config=model_config, ema=ema)
+    if not last and rt.is_main and (rt.out / "log.jsonl").is_file():  # resumed after the last step: last figures
+        logged = [json.loads(line) for line in (rt.out / "log.jsonl").read_text().splitlines()]
+        last = next(({k: v for k, v in r.items() if k not in ("step", "time")} for r in reversed(logged)
+                     if "loss" in r), {})
     return {"start": start, "last": last, "train_seconds": time.time() - t0, "seen": seen}
 
 

