@@ -409,3 +409,51 @@ def train_tarflowlm(cfg: TarFlowLMRecipe, out: str | Path, *, quiet: bool = Fals
     if cfg.eval.baseline:
         rt.write_metrics(metrics)
     return metrics
+
+
+def tarflowlm_folder(path) -> Path | None:
+    """The model folder behind a TarFlowLM run/checkpoint/model folder, or None if it holds another model."""
+    import json
+
+    from genkit.runtime.checkpoint import find_model_folder
+
+    folder = find_model_folder(path) if Path(path).exists() else None
+    if folder is None:
+        return None
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return folder if kind == "tarflowlm" else None
+
+
+def sample_text(folder: Path, n: int, out: Path, *, seed: int = 0, temperature: float = 1.0,
+                batch_size: int = 64, passes: bool = True) -> dict:
+    """``genkit sample --ckpt RUN`` for TarFlowLM: ``samples.txt`` (with the multi-pass states) and metrics."""
+    import json
+
+    from genkit.data.text import TextData, load_hf_tokenizer
+    from genkit.flows.tarflowlm import TarFlowLM
+    from genkit.runtime import software_versions
+
+    model = TarFlowLM.from_pretrained(folder).eval()
+    info = json.loads((folder / "data.json").read_text()) if (folder / "data.json").is_file() else {}
+    tok = load_hf_tokenizer(info["tokenizer"]) if info.get("tokenizer") else None
+    text = TextData(torch.zeros(0, dtype=torch.long), model.config.vocab_size, "samples", info.get("symbols"), tok)
+    g = step_generator(seed, 0, stream=11)
+    t0 = time.time()
+    lines = []
+    for i in range(0, n, batch_size):
+        ids, states = model.sample(min(batch_size, n - i), generator=g, temperature=temperature, passes=True)
+        for j in range(ids.shape[0]):
+            lines.append(f"[{i + j}] {text.decode(ids[j])}")
+            if passes:
+                lines += [f"    pass {k + 1} (after layer {len(states) - k - 1}): {text.decode(s[j])}"
+                          for k, s in enumerate(states)]
+    seconds = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "samples.txt", "\n".join(lines) + "\n")
+    metrics = {"n": n, "seconds": round(seconds, 3), "tokens_per_second": n * model.config.seq_len / seconds,
+               "ckpt": str(folder), "seed": seed, "temperature": temperature, "versions": software_versions()}
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics

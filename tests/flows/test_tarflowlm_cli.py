@@ -50,6 +50,10 @@ def test_run_folder_with_baselines_and_progressive_training(tmp_path):
     assert all(same(k, 2, 4) for k in ck[2] if k.startswith("layers.2.")) and not same("layers.2.proj_in.weight", 4, 6)
     recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "lr" in l]
     assert [r["lr"] > 0 for r in recs] == [True] * 6
+    # sampling a finished run again: text samples with their multi-pass states
+    p = run_genkit("sample", "--ckpt", out, "--n", "3", "temperature=0.8", "--out", tmp_path / "s", "-q")
+    lines = (tmp_path / "s" / "samples.txt").read_text().splitlines()
+    assert [l[:4] for l in lines if l.startswith("[")] == ["[0] ", "[1] ", "[2] "] and len(lines) == 3 * 4
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
