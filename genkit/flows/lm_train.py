@@ -32,11 +32,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from genkit.config import field, to_dict
 from genkit.data.batches import step_generator
 from genkit.data.text import ALPHABETS, TextData, load_text, window_batch
 from genkit.errors import ConfigError
+from genkit.flows.tarflow import AttentionBlock
 from genkit.runtime import EMA, Runtime, RuntimeConfig, atomic_write_json, atomic_write_text
 from genkit.runtime.loop import batch_problems, warmup_cosine_lr
 
@@ -155,13 +157,47 @@ def build_tarflowlm(cfg: TarFlowLMRecipe, vocab_size: int):
     return TarFlowLM(mcfg)
 
 
+class CausalTransformerLM(nn.Module):
+    """The autoregressive baseline: token embedding + learned positions, TarFlow's causal blocks, LayerNorm,
+    a linear head. logits[:, t] predicts token t from tokens < t (a learned start vector at t = 0), so the
+    cross-entropy covers all T tokens like TarFlowLM's ELBO."""
+
+    def __init__(self, vocab_size: int, seq_len: int, width: int, blocks: int, head_dim: int, expansion: int = 4,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.config = {"model_type": "causal-lm", "vocab_size": vocab_size, "seq_len": seq_len, "width": width,
+                       "blocks": blocks, "head_dim": head_dim, "expansion": expansion, "dropout": dropout}
+        self.embed = nn.Embedding(vocab_size, width)
+        self.start = nn.Parameter(torch.randn(width) * 1e-2)
+        self.pos_embed = nn.Parameter(torch.randn(seq_len, width) * 1e-2)
+        self.blocks = nn.ModuleList(AttentionBlock(width, head_dim, expansion, dropout) for _ in range(blocks))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size)
+        self.register_buffer("attn_mask", torch.ones(seq_len, seq_len, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, ids):
+        B, T = ids.shape
+        e = self.embed(ids[:, :-1])  # (B, T-1, C)
+        h = torch.cat([self.start.expand(B, 1, -1).to(e.dtype), e], 1) + self.pos_embed[:T]  # (B, T, C)
+        for blk in self.blocks:
+            h = blk(h, self.attn_mask[:T, :T])
+        return self.head(self.norm(h))  # (B, T, V)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator=None, device="cpu"):
+        T = self.pos_embed.shape[0]
+        ids = torch.zeros((n, T), dtype=torch.long, device=device)
+        for t in range(T):  # no cache: the baseline's samples are few and short
+            p = torch.softmax(self(torch.cat([ids[:, :t + 1]], 1))[:, t].float(), -1)
+            ids[:, t] = torch.multinomial(p.cpu(), 1, generator=generator).view(-1).to(device)
+        return ids
+
+
 def build_baseline(kind: str, cfg: TarFlowLMRecipe, vocab_size: int):
     """A baseline with the flow's total number of Transformer blocks and its width."""
     a = cfg.arch
     depth = len(a.layers) * a.layers_per_block
     if kind == "ar":
-        from genkit.flows.tarflowlm import CausalTransformerLM
-
         return CausalTransformerLM(vocab_size, cfg.data.seq_len, a.width, depth, a.head_dim, a.expansion, a.dropout)
     from genkit.dllm.model import LLaDAConfig, LLaDAModel
 

@@ -72,12 +72,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkit.errors import ConfigError
+from genkit.flows.mixture_cdf import (
+    LOG_SQRT_2PI,
+    U_CLAMP,
+    _up,
+    mixd_gaussianize,
+    mixd_invert,
+    mixture_gaussianize,
+    mixture_invert,
+    ndtri_lower,
+    normal_logpdf,
+    phi_inverse,
+)
 from genkit.flows.tarflow import AttentionBlock
+
+__all__ = ["TarFlowLM", "TarFlowLMConfig", "LMFlowLayer", "MaskedHead", "LAYER_KINDS", "LOG_SQRT_2PI", "U_CLAMP",
+           "mixd_gaussianize", "mixd_invert", "mixture_gaussianize", "mixture_invert", "ndtri_lower",
+           "normal_logpdf", "phi_inverse"]
 
 MODEL_TYPE = "tarflowlm"
 LAYER_KINDS = ("affine", "mix1", "mixd")
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-U_CLAMP = 37.0  # |Phi^-1| never exceeds this (Phi(-37) ~ 6e-300, the float64 floor)
 LOG_S_MIN, LOG_S_MAX = -9.0, 5.0  # bounds of the mixture log-scales of mix1
 
 
@@ -145,114 +159,6 @@ class TarFlowLMConfig:
         if p:
             raise ConfigError(p)
         return cls(**d)
-
-
-# ------------------------------------------------------------------------------------------ Gaussian maths
-def _up(t):
-    """At least float32: the mixture maths never runs in bf16/fp16."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def normal_logpdf(x):
-    return -0.5 * x * x - LOG_SQRT_2PI
-
-
-def ndtri_lower(logp):
-    """Phi^-1(p) for log p = logp <= log(1/2), accurate for any logp (also where p underflows).
-
-    Start from `ndtri(exp(logp))` (or the tail asymptote where exp underflows), then Newton steps on
-    h(u) = log_ndtr(u) - logp, whose slope is N(u) / Phi(u). The last step keeps the graph of logp only, so
-    d u / d logp = Phi(u) / N(u) exactly, as implicit differentiation gives."""
-    lp = logp.detach()
-    tiny = lp < math.log(torch.finfo(lp.dtype).tiny) + 10
-    x = (-2.0 * lp).clamp_min(1.0)
-    asym = -torch.sqrt((x - torch.log(x) - math.log(2 * math.pi)).clamp_min(0.0))
-    u = torch.where(tiny, asym, torch.special.ndtri(torch.exp(lp).clamp_max(0.5)))
-    u = u.clamp(-U_CLAMP, 0.0)
-    for _ in range(2):
-        slope = torch.exp(normal_logpdf(u) - torch.special.log_ndtr(u))
-        u = (u - (torch.special.log_ndtr(u) - lp) / slope).clamp(-U_CLAMP, 0.0)
-    slope = torch.exp(normal_logpdf(u) - torch.special.log_ndtr(u))
-    return u - (torch.special.log_ndtr(u) - logp) / slope  # one differentiable Newton step
-
-
-def phi_inverse(log_f, log_1mf):
-    """u = Phi^-1(F) from log F and log(1 - F), taking the smaller tail (no cancellation near F = 1)."""
-    lower = log_f <= log_1mf
-    u_lo = ndtri_lower(torch.where(lower, log_f, log_1mf))
-    return torch.where(lower, u_lo, -u_lo).clamp(-U_CLAMP, U_CLAMP)
-
-
-def mixture_gaussianize(y, logw, m, log_s):
-    """1-D Gaussian-mixture CDF transform of every scalar of y (...,), components on the last axis of
-    logw (normalised log-weights), m and log_s (broadcastable to (..., K)). Returns u = Phi^-1(F_mix(y)) and
-    the log-det log p_mix(y) - log N(u), both (...,)."""
-    zk = (y.unsqueeze(-1) - m) * torch.exp(-log_s)  # (..., K)
-    log_f = torch.logsumexp(logw + torch.special.log_ndtr(zk), -1)  # (...,)
-    log_1mf = torch.logsumexp(logw + torch.special.log_ndtr(-zk), -1)  # (...,)
-    log_pdf = torch.logsumexp(logw + normal_logpdf(zk) - log_s, -1)  # (...,)
-    u = phi_inverse(log_f, log_1mf)
-    return u, log_pdf - normal_logpdf(u)
-
-
-@torch.no_grad()
-def mixture_invert(u, logw, m, log_s, iters: int | None = None, newton: int | None = None):
-    """The y with Phi^-1(F_mix(y)) = u: bisection on the exact bracket [min_k m_k + u s_k, max_k m_k + u s_k]
-    (at its ends every component CDF is <= resp. >= Phi(u), hence so is the mixture's), comparing in the log
-    domain on the smaller tail; then `newton` Newton steps y <- y - (u(y) - u) / u'(y) (u'(y) = exp(log-det)
-    from `mixture_gaussianize`), each kept inside the bracket. 30 halvings + 3 steps reach float64 precision
-    (the inverse test asks 1e-6); in float32 16 + 2 stop where its CDF resolution does."""
-    f64 = u.dtype == torch.float64
-    iters, newton = iters or (30 if f64 else 16), newton if newton is not None else (3 if f64 else 2)
-    s = torch.exp(log_s)
-    ends = m + u.unsqueeze(-1) * s  # (..., K)
-    lo, hi = ends.min(-1).values, ends.max(-1).values  # (...,)
-    upper = u > 0  # compare log(1 - F) there: F(y) < Phi(u)  <=>  log(1 - F(y)) > log Phi(-u)
-    target = torch.special.log_ndtr(torch.where(upper, -u, u))  # (...,)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        zk = (mid.unsqueeze(-1) - m) / s
-        if bool(upper.any()):
-            l1mf = torch.logsumexp(logw + torch.special.log_ndtr(-zk), -1)
-        if not bool(upper.all()):
-            lf = torch.logsumexp(logw + torch.special.log_ndtr(zk), -1)
-        below = (l1mf > target) if bool(upper.all()) else (lf < target) if not bool(upper.any()) else \
-            torch.where(upper, l1mf > target, lf < target)  # F(mid) < Phi(u): the root is above mid
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    y = 0.5 * (lo + hi)
-    for _ in range(newton):
-        uy, logdet = mixture_gaussianize(y, logw, m, log_s)
-        step = (uy - u) * torch.exp(-logdet)
-        y = torch.where(torch.isfinite(step), y - step, y).clamp(lo, hi)
-    return y
-
-
-def mixd_gaussianize(z, logits, mu, log_sigma):
-    """Mix-d forward on tokens z (..., d) with mixture logits (..., V) over the codebook N(mu_k, sigma_k^2 I).
-
-    Dimension j uses the Bayes-updated weights w^(j) = softmax_k(log pi_k + sum_{i<j} log N(z_i; mu_ki,
-    sigma_k)); returns u (..., d) and the log-det (...,) = log sum_k pi_k N(z; mu_k, sigma_k^2 I) - sum_j
-    log N(u_j) (the per-dimension log-densities telescope to the joint one)."""
-    logpi = torch.log_softmax(logits, -1)  # (..., V)
-    sig = torch.exp(log_sigma).unsqueeze(-1)  # (V, 1)
-    lcomp = normal_logpdf((z.unsqueeze(-2) - mu) / sig) - log_sigma.unsqueeze(-1)  # (..., V, d)
-    before = torch.cumsum(lcomp, -1) - lcomp  # (..., V, d): sum over i < j
-    logw = torch.log_softmax(logpi.unsqueeze(-1) + before, dim=-2).transpose(-1, -2)  # (..., d, V)
-    u, ld = mixture_gaussianize(z, logw, mu.t(), log_sigma)  # (..., d) each
-    return u, ld.sum(-1)
-
-
-@torch.no_grad()
-def mixd_invert(u, logits, mu, log_sigma):
-    """Invert `mixd_gaussianize` for tokens u (..., d): dimension by dimension, updating the weights."""
-    acc = torch.log_softmax(logits, -1)  # (..., V): log pi_k + sum_{i<j} log N(z_i; mu_ki, sigma_k)
-    sig = torch.exp(log_sigma)
-    out = torch.empty_like(u)
-    for j in range(u.shape[-1]):
-        zj = mixture_invert(u[..., j], torch.log_softmax(acc, -1), mu[:, j], log_sigma)  # (...,)
-        out[..., j] = zj
-        acc = acc + normal_logpdf((zj.unsqueeze(-1) - mu[:, j]) / sig) - log_sigma
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- the layers
@@ -523,39 +429,3 @@ class TarFlowLM(nn.Module):
         model = cls(TarFlowLMConfig.from_dict(json.loads((folder / "config.json").read_text())))
         model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
         return model.to(device)
-
-
-class CausalTransformerLM(nn.Module):
-    """The autoregressive baseline: token embedding + learned positions, TarFlow's causal blocks, LayerNorm,
-    a linear head. logits[:, t] predicts token t from tokens < t (a learned start vector at t = 0), so the
-    cross-entropy covers all T tokens like TarFlowLM's ELBO."""
-
-    def __init__(self, vocab_size: int, seq_len: int, width: int, blocks: int, head_dim: int, expansion: int = 4,
-                 dropout: float = 0.0):
-        super().__init__()
-        self.config = {"model_type": "causal-lm", "vocab_size": vocab_size, "seq_len": seq_len, "width": width,
-                       "blocks": blocks, "head_dim": head_dim, "expansion": expansion, "dropout": dropout}
-        self.embed = nn.Embedding(vocab_size, width)
-        self.start = nn.Parameter(torch.randn(width) * 1e-2)
-        self.pos_embed = nn.Parameter(torch.randn(seq_len, width) * 1e-2)
-        self.blocks = nn.ModuleList(AttentionBlock(width, head_dim, expansion, dropout) for _ in range(blocks))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size)
-        self.register_buffer("attn_mask", torch.ones(seq_len, seq_len, dtype=torch.bool).tril(), persistent=False)
-
-    def forward(self, ids):
-        B, T = ids.shape
-        e = self.embed(ids[:, :-1])  # (B, T-1, C)
-        h = torch.cat([self.start.expand(B, 1, -1).to(e.dtype), e], 1) + self.pos_embed[:T]  # (B, T, C)
-        for blk in self.blocks:
-            h = blk(h, self.attn_mask[:T, :T])
-        return self.head(self.norm(h))  # (B, T, V)
-
-    @torch.no_grad()
-    def sample(self, n: int, *, generator=None, device="cpu"):
-        T = self.pos_embed.shape[0]
-        ids = torch.zeros((n, T), dtype=torch.long, device=device)
-        for t in range(T):  # no cache: the baseline's samples are few and short
-            p = torch.softmax(self(torch.cat([ids[:, :t + 1]], 1))[:, t].float(), -1)
-            ids[:, t] = torch.multinomial(p.cpu(), 1, generator=generator).view(-1).to(device)
-        return ids
