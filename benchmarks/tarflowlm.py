@@ -13,7 +13,9 @@ and MDLM baselines get 3 x --blocks blocks of the same width):
               ``eval.baseline=[ar, mdlm]``: the causal Transformer LM and genkit's LLaDA-style masked
               diffusion LM trained in the same run (``mixd/baseline-ar``, ``mixd/baseline-mdlm``);
 * ``mix1``:   TarFlowLM [mix1, mix1, mix1], progressive;
-* ``affine``: TarFlowLM [affine, affine, affine] (TarFlow's layers), progressive.
+* ``affine``: TarFlowLM [affine, affine, affine] (TarFlow's layers), progressive;
+* optional: ``mixd-joint`` ([mixd, mix1, mix1] with all layers trained together) and ``mixd-only`` (one Mix-d
+  layer holding all 3 x --blocks blocks: the paper's reduction to an AR model, at the AR baseline's size).
 
 Printed and saved (benchmarks/results/tarflowlm.json, tarflowlm.png): test bits per character (the ELBO for
 TarFlowLM and MDLM, the exact NLL for AR), parameters, training wall-clock with the load average beside it,
@@ -39,7 +41,9 @@ MODELS = {
     "mixd": ["arch.layers=[mixd,mix1,mix1]", "eval.baseline=[ar,mdlm]"],
     "mix1": ["arch.layers=[mix1,mix1,mix1]"],
     "affine": ["arch.layers=[affine,affine,affine]"],
-    "mixd-joint": ["arch.layers=[mixd,mix1,mix1]", "train.progressive=false"],  # optional: all layers at once
+    # optional rows (--models ...,mixd-joint,mixd-only):
+    "mixd-joint": ["arch.layers=[mixd,mix1,mix1]", "train.progressive=false"],  # all layers trained together
+    "mixd-only": ["arch.layers=[mixd]"],  # one Mix-d layer with all 3 x --blocks blocks: the AR reduction
 }
 
 
@@ -55,8 +59,9 @@ def run_model(name: str, extra: list[str], args, root: Path) -> dict:
         if m.get("steps") == args.steps and all(f"{b}_test_bpc" in m for b in wanted):
             print(f"[{name}] reusing {done}")
             return m
+    blocks = 3 * args.blocks if name == "mixd-only" else args.blocks  # the same depth in one layer
     overrides = [*extra, f"train.steps={args.steps}", f"eval.eval_every={args.eval_every}",
-                 f"arch.layers_per_block={args.blocks}", f"eval.max_windows={args.max_windows}", "runtime.threads=1",
+                 f"arch.layers_per_block={blocks}", f"eval.max_windows={args.max_windows}", "runtime.threads=1",
                  "runtime.log_every=50"]
     cfg = C.load(TarFlowLMRecipe, RECIPE, overrides)
     load0 = os.getloadavg()[0]
