@@ -128,6 +128,9 @@ class RLEvalConfig:
     before: bool = field(False, help="also evaluate the init model (eval_before_* keys)")
     batch_size: int = field(100, help="rows decoded together", min=1)
     seed: int = field(1234, help="seed of the sampled evaluation (the same for every run, so runs compare)")
+    every: int = field(0, help="also evaluate every N steps during training, into log.jsonl (0 = only at the end)",
+                       min=0)
+    every_samples: int = field(4, help="sampled completions per row of those evaluations", min=1)
 
 
 @dataclass
@@ -293,6 +296,15 @@ def evaluate(model, tok, rows: list[dict], prompts: torch.Tensor, pad: torch.Ten
 
 
 # ------------------------------------------------------------------------------------------- the loop
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the sandboxed programs): a cost that does not
+    depend on how loaded a shared machine is, unlike the wall-clock."""
+    import os
+
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
     rt = Runtime(cfg.runtime, out, quiet=quiet)
     seed, t, ro = cfg.runtime.seed, cfg.train, cfg.rollout
@@ -365,7 +377,7 @@ def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
                           batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, grader=grader, eot=eot)
         metrics.update({f"eval_before_{k}": v for k, v in before.items()})
 
-    t0, last, done = time.time(), {}, start
+    t0, cpu0, last, done = time.time(), cpu_seconds(), {}, start
     with rt.progress(t.steps, initial=start, description=f"rl {t.method}") as bar:
         for step in range(start, t.steps):
             tic = time.time()
@@ -406,8 +418,9 @@ def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
                                        position_ids=None if pos is None else pos[part], shifted=shifted)
 
             with torch.no_grad():  # old and reference log-probs, per iteration's masks
-                olds = [torch.cat([est(net, j, q) for q in parts]) for j in range(t.num_iterations)] \
-                    if t.num_iterations > 1 else None
+                # iteration 0 runs on the weights that decoded the rollouts: its old log-probs are the current
+                # ones, detached (the official code computes them in a separate pass; same values)
+                olds = [None] + [torch.cat([est(net, j, q) for q in parts]) for j in range(1, t.num_iterations)]
                 refs = [torch.cat([est(reference, j, q) for q in parts]) for j in range(t.num_iterations)] \
                     if reference is not None else None
 
@@ -422,7 +435,7 @@ def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
                     with rt.no_sync(model, skip=a < len(parts) - 1):
                         with rt.autocast():
                             lp = est(model, j, q)  # (micro, G)
-                        old = olds[j][q] if olds is not None else lp.detach()
+                        old = olds[j][q] if olds[j] is not None else lp.detach()
                         ref = refs[j][q] if refs is not None else None
                         per_tok, info_ = loss_fn(lp, old, ref, adv[q].to(rt.device))
                         m = lmask[q].float()
@@ -453,7 +466,13 @@ def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
             for name in weights:
                 last[f"rewards/{name}"] = float(rt.gather(per_fn[name].mean()).mean())
             out_of_time = t.max_minutes and (time.time() - t0) > 60 * t.max_minutes
-            if done % cfg.runtime.log_every == 0 or done == t.steps or out_of_time:
+            if cfg.eval.every and cfg.eval.n and test and done % cfg.eval.every == 0 and rt.is_main:
+                net.eval()
+                curve = evaluate(net, tok, test, test_ids, test_pad, gen_length=G, steps=steps_dec,
+                                 temperature=ro.temperature, top_p=ro.top_p, samples=cfg.eval.every_samples, ks=[1],
+                                 batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, grader=grader, eot=eot)
+                last.update({f"eval/{k}": v for k, v in curve.items() if k != "n"})
+            if done % cfg.runtime.log_every == 0 or done == t.steps or out_of_time or "eval/greedy_pass@1" in last:
                 rt.log(done, **last)
             bar.update(1, reward=last["reward"], kl=last["kl"])
             if cfg.runtime.checkpoint_every and done % cfg.runtime.checkpoint_every == 0 and done < t.steps:
@@ -463,7 +482,7 @@ def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
     rt.save_checkpoint(done, model, opt, config=model_config, extra=extra)
     train_seconds = time.time() - t0
     metrics.update({"steps": done, "updates": done * t.num_iterations, "train_seconds": round(train_seconds, 2),
-                    "rollouts_per_step": R})
+                    "train_cpu_seconds": round(cpu_seconds() - cpu0, 2), "rollouts_per_step": R})
     metrics.update({f"final_{k}": v for k, v in last.items()})
     try:
         from genkit.eval.sandbox import isolation_level
