@@ -43,12 +43,12 @@ import torch
 from genkit.config import field, to_dict
 from genkit.data.batches import batch_indices, step_generator
 from genkit.errors import ConfigError
-from genkit.runtime import Runtime, RuntimeConfig, atomic_write_json
+from genkit.runtime import Runtime, RuntimeConfig
 from genkit.runtime.loop import warmup_cosine_lr
 
 from ..decoding import decode_entropy
 from ..decoding.common import is_shifted
-from ..io import INFO_FILE, encode_prompt, load_dllm, read_jsonl
+from ..io import encode_prompt, load_dllm, read_jsonl, write_jsonl, write_model_folder
 from .coupled_grpo import CoupledGRPOLoss, completion_mask, draw_masks, group_advantages, per_token_logps
 from .rewards import REWARDS, Grader, check_rewards
 
@@ -336,8 +336,6 @@ def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
     if rt.is_main:
         data_dir = rt.out / "data"
         if not (data_dir / "test.jsonl").is_file():
-            from ..io import write_jsonl
-
             write_jsonl(data_dir / "test.jsonl", test)
     rt.write_config(cfg)
 
@@ -492,13 +490,8 @@ def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
         metrics["sandbox_isolation"] = None
     net.eval()
     if rt.is_main:
-        folder = net.save_pretrained(rt.out / "model")
-        if hasattr(tok, "save"):
-            tok.save(folder)
-        else:
-            tok.tok.save_pretrained(str(folder))
-        atomic_write_json(folder / INFO_FILE, {**{k: v for k, v in info.items() if k != "folder"},
-                                               "gen_length": G, "rl": to_dict(cfg)})
+        write_model_folder(rt.out / "model", net, tok, {**{k: v for k, v in info.items() if k != "folder"},
+                                                        "gen_length": G, "rl": to_dict(cfg)})
         if cfg.eval.n and test:
             after = evaluate(net, tok, test, test_ids, test_pad, gen_length=G, steps=steps_dec,
                              temperature=ro.temperature, top_p=ro.top_p, samples=cfg.eval.samples, ks=cfg.eval.ks,
