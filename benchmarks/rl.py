@@ -191,7 +191,9 @@ def mean_std(xs):
     return mu, sd
 
 
-KEYS = ("greedy_pass@1", "sampled_pass@1", "sampled_pass@10", "sampled_score", "arness_local@1", "arness_global@1")
+def keys_for(k: int) -> tuple[str, ...]:
+    return ("greedy_pass@1", "sampled_pass@1", f"sampled_pass@{k}", "sampled_score", "arness_local@1",
+            "arness_global@1")
 
 
 def plot(res: dict, path: Path) -> None:
@@ -200,7 +202,7 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4.5))
     v = res.get("variance")
     if v:
         names = ["coupled", "decoupled"]
@@ -210,36 +212,41 @@ def plot(res: dict, path: Path) -> None:
         ax[0].set_ylabel("variance over mask draws (nats^2)")
     b = res.get("rl")
     if b:
-        sft = b["sft"]["sampled_pass@1"]
         for i, m in enumerate(b["methods"]):
-            curves = {}
+            curves, rew = {}, {}
             for run in b["runs"][m]:
                 for r in run["curve"]:
                     curves.setdefault(r["step"], []).append(r["sampled_pass@1"])
+                for step, r in run["reward"]:
+                    rew.setdefault(step, []).append(r)
             steps = sorted(curves)
             ax[1].plot([0] + steps, [b["sft_curve"]["sampled_pass@1"]] + [sum(curves[s]) / len(curves[s])
                                                                            for s in steps], "o-", color=f"C{i}",
                        label=m)
-            rew = {}
-            for run in b["runs"][m]:
-                for r in run["reward"]:
-                    rew.setdefault(r[0], []).append(r[1])
-        ax[1].axhline(sft, color="gray", ls="--", label="SFT (final eval)")
+            xs = sorted(rew)
+            ys = [sum(rew[s]) / len(rew[s]) for s in xs]
+            w = max(1, len(xs) // 15)  # moving average over w steps
+            sm = [sum(ys[max(0, j - w + 1):j + 1]) / len(ys[max(0, j - w + 1):j + 1]) for j in range(len(ys))]
+            ax[2].plot(xs, sm, color=f"C{i}", label=m)
         ax[1].set_xlabel("RL step (rollout batch)")
-        ax[1].set_ylabel(f"held-out sampled pass@1 ({b['curve_samples']} samples/row)")
-        ax[1].set_title("(b) held-out curve, mean over seeds")
+        ax[1].set_ylabel(f"sampled pass@1, {b['curve_samples']} samples x {b['sft']['n']} test rows")
+        ax[1].set_title("(b) held-out curve (step 0 = SFT), mean over seeds")
         ax[1].legend()
-        labels = ["greedy_pass@1", "sampled_pass@1", "sampled_pass@10"]
+        ax[2].set_xlabel("RL step (rollout batch)")
+        ax[2].set_ylabel("mean rollout reward (share of asserts passed)")
+        ax[2].set_title("(b) training reward, mean over seeds, moving average")
+        ax[2].legend()
+        labels = list(keys_for(b["k"])[:3])
         groups = ["sft", *b["methods"]]
         w = 0.8 / len(groups)
         for j, g in enumerate(groups):
             vals = [b["sft"][k] if g == "sft" else b["summary"][g][k][0] for k in labels]
             errs = [0 if g == "sft" else b["summary"][g][k][1] for k in labels]
-            ax[2].bar([x + j * w for x in range(len(labels))], vals, w, yerr=errs, label=g,
+            ax[3].bar([x + j * w for x in range(len(labels))], vals, w, yerr=errs, label=g,
                       color="gray" if g == "sft" else f"C{j - 1}")
-        ax[2].set_xticks([x + w * (len(groups) - 1) / 2 for x in range(len(labels))], labels)
-        ax[2].set_title(f"(b) final, {len(b['seeds'])} seeds, {b['steps']} steps each")
-        ax[2].legend()
+        ax[3].set_xticks([x + w * (len(groups) - 1) / 2 for x in range(len(labels))], labels)
+        ax[3].set_title(f"(b) final, {len(b['seeds'])} seeds x {b['steps']} steps (std over seeds)")
+        ax[3].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -275,18 +282,20 @@ def main():
         seeds = [int(s) for s in a.seeds.split(",")]
         methods = a.methods.split(",")
         n, samples = (8, 4) if a.quick else (200, 10)
+        K = min(10, samples)
+        KEYS = keys_for(K)
         overrides = [f"train.steps={a.steps}", f"eval.every={a.every}", f"eval.n={n}", f"eval.samples={samples}",
-                     f"eval.ks=[1,{min(10, samples)}]", *a.set]
+                     f"eval.ks=[1,{K}]", *a.set]
         if a.quick:
             overrides += ["eval.every_samples=2", "rollout.num_generations=4", "rollout.batch_size=16",
                           "train.prompts_per_step=4"]
-        sft_eval = eval_sft(sft, n, samples, 1234, ks=(1, min(10, samples)))
+        sft_eval = eval_sft(sft, n, samples, 1234, ks=(1, K))
         every_samples = 2 if a.quick else 4
         sft_curve = eval_sft(sft, n, every_samples, 1234, ks=(1,))
-        b = {"methods": methods, "seeds": seeds, "steps": a.steps, "overrides": overrides, "sft": sft_eval,
+        b = {"methods": methods, "seeds": seeds, "k": K, "steps": a.steps, "overrides": overrides, "sft": sft_eval,
              "sft_curve": sft_curve, "curve_samples": every_samples, "runs": {}, "summary": {}}
         print(f"(b) SFT: greedy pass@1 {sft_eval['greedy_pass@1']:.3f}, sampled pass@1 "
-              f"{sft_eval['sampled_pass@1']:.3f}, pass@10 {sft_eval.get('sampled_pass@10', float('nan')):.3f}",
+              f"{sft_eval['sampled_pass@1']:.3f}, pass@{K} {sft_eval[f'sampled_pass@{K}']:.3f}",
               flush=True)
         for m in methods:
             b["runs"][m] = []
@@ -304,7 +313,7 @@ def main():
                 xs = [run[k] for run in b["runs"][m] if run[k] is not None]
                 summ[k] = mean_std(xs) if xs else (None, None)
             summ["minutes_mean"] = sum(r["train_seconds"] for r in b["runs"][m]) / 60 / len(seeds)
-            for k in ("greedy_pass@1", "sampled_pass@1", "sampled_pass@10"):
+            for k in KEYS[:3]:
                 if summ[k][0] is not None and k in sft_eval:
                     summ[f"delta_{k}_points"] = 100 * (summ[k][0] - sft_eval[k])
             b["summary"][m] = summ

@@ -66,6 +66,8 @@ class RLDataConfig:
     train_file: str = field("", help="JSONL of training prompts ({prompt, task, meta} or {prompt, tests})",
                             exists=True)
     test_file: str = field("", help="JSONL of test rows for the final evaluation", exists=True)
+    chat: bool | None = field(None, help="wrap prompts in the tokenizer's chat template (default: as the init "
+                              "run's genkit.json says, else no)")
 
 
 @dataclass
@@ -312,7 +314,7 @@ def train_rl(cfg: RLRecipe, out: str | Path, *, quiet: bool = False) -> dict:
     policy, tok, info = load_dllm(init)
     if tok is None:
         raise ConfigError(f"init: '{init}' has no tokenizer next to the model")
-    chat = bool(info.get("chat", False))
+    chat = bool(info.get("chat", False)) if cfg.data.chat is None else cfg.data.chat
     G = ro.gen_length or int(info.get("gen_length") or 0)
     if G <= 0:
         raise ConfigError("rollout.gen_length: the init model has no genkit.json gen_length; set rollout.gen_length")
