@@ -10,6 +10,7 @@ setup: .setup.stamp
 
 .setup.stamp: pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	@command -v curl >/dev/null || (apt-get update -q && apt-get install -y -q curl)  # http(s) shards (webdataset)
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
 

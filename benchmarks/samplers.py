@@ -1,17 +1,19 @@
-"""Samplers on a trained digits teacher, classifier-free guidance, and TarFlow guidance, in one run.
+"""Samplers on exact mixtures and a trained digits teacher, classifier-free guidance, TarFlow guidance, in one run.
 
     python benchmarks/samplers.py                       # trains the teachers it lacks (about 30 min on 2 cores)
     python benchmarks/samplers.py --teacher RUN --cond-teacher RUN --flow RUN   # reuse trained runs
+    python benchmarks/samplers.py --parts mixtures,samplers --teacher RUN       # the TADA comparison only
 
 This script measures, beside each other in the same run:
 
-0. every sampler (and TADA's k/N sweep) on the three exact Gaussian mixtures at NFE in {3, ..., 35}
-   (`benchmarks/samplers_mixtures.py`, also runnable alone), with the verdict on the target "TADA beats
-   DPM-Solver++(2M) and Heun at every NFE <= 10" cell by cell;
-
-1. fd-digits of every sampler (euler, heun, dpmpp-2m, tada) at NFE in {3, 5, 7, 10, 15, 20, 35} on the
-   unconditional EDM digits teacher (``genkit train-diffusion recipes/train-diffusion/edm-digits.yaml``);
-   the claim: 35-NFE Heun is far below 1-step Euler;
+0. the exact Gaussian mixtures (`benchmarks/samplers_mixtures.py`, also runnable alone): Heun,
+   DPM-Solver++(2M), UniPC and TADA (arXiv 2506.21757; AB order 3 and 2, plus ablations) at NFE
+   {3, 5, 7, 10, 35} on Karras and uniform-in-t grids, 3 noise seeds, with the cell-by-cell verdict and the
+   target "TADA below DPM-Solver++(2M) in sliced W2 at NFE 5 and 10 on every mixture";
+1. fd-digits on the unconditional EDM digits teacher (``genkit train-diffusion
+   recipes/train-diffusion/edm-digits.yaml``) of Heun, DPM-Solver++(2M), UniPC (diffusers' default order 2)
+   and TADA (N = 2, k = 1, AB order 3 and 2) at NFE {3, 5, 7, 10, 35} on the same two grids and 3 noise
+   seeds (mean and spread), plus 1-step Euler; the claim: 35-NFE Heun is far below 1-step Euler;
 2. class accuracy (shipped digits classifier) of the conditional teacher's samples at CFG w in {0, 1, 2, 4};
 3. class accuracy of a class-conditional TarFlow's samples at guidance w in {0, 1, 2}.
 
@@ -36,12 +38,17 @@ from genkit import config as C  # noqa: E402
 from genkit.eval.image_metrics import evaluate_images  # noqa: E402
 from genkit.models.denoisers import load_denoiser  # noqa: E402
 from genkit.runtime import atomic_write_bytes, atomic_write_json  # noqa: E402
-from genkit.samplers import MIN_NFE  # noqa: E402
 from genkit.samplers.run import DiffusionSampleConfig, sample_denoiser  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-NFES = (3, 5, 7, 10, 15, 20, 35)
-SAMPLERS = ("euler", "heun", "dpmpp-2m", "tada")
+NFES = (3, 5, 7, 10, 35)
+GRIDS = ("karras", "uniform-t")
+SEEDS = (0, 1, 2)
+# (label, sampler, knobs of DiffusionSampleConfig)
+VARIANTS = (("heun", "heun", {}), ("dpmpp-2m", "dpmpp-2m", {}), ("unipc", "unipc", {}),
+            ("tada", "tada", {"ab_order": 3}), ("tada p=2", "tada", {"ab_order": 2}))
+BASELINES = ("heun", "dpmpp-2m", "unipc")
+TADAS = ("tada", "tada p=2")
 
 
 def ensure_run(path: Path | None, command: str, recipe: str, name: str) -> Path:
@@ -63,22 +70,28 @@ def ensure_run(path: Path | None, command: str, recipe: str, name: str) -> Path:
     return out
 
 
-def plot(rows, path):
+def plot(summary, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in SAMPLERS:
-        pts = [(r["nfe"], r["fd-digits"]) for r in rows if r["sampler"] == s]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=s)
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("fd-digits (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title("EDM digits teacher: quality vs NFE")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(GRIDS), figsize=(6 * len(GRIDS), 4), sharey=True)
+    for ax, grid in zip(axes, GRIDS):
+        for label, _, _ in VARIANTS:
+            pts = sorted((r["nfe"], r["fd-digits"], r["fd-digits_std"]) for r in summary
+                         if r["sampler"] == label and r["grid"] == grid)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, e, marker="o", ls="--" if label.startswith("tada") else "-", capsize=2, label=label)
+        ax.set_xlabel("NFE")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(NFES, [str(v) for v in NFES])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_title(f"EDM digits teacher, {grid} grid (mean +- std over {len(SEEDS)} seeds)", fontsize=9)
+    axes[0].set_ylabel("fd-digits (lower is better)")
+    axes[0].legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -113,46 +126,114 @@ def main():
     if "tarflow" in parts:
         part_tarflow(args, res)
     atomic_write_json(args.out, res)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("samplers", "mixtures")}, indent=1))
+    big = ("samplers", "mixtures", "samplers_summary", "samplers_verdict", "mixtures_verdict")
+    print(json.dumps({k: v for k, v in res.items() if k not in big}, indent=1))
+    if "mixtures_verdict" in res:
+        print(json.dumps({"mixtures_target": res["mixtures_verdict"]["target"]["met"],
+                          "mixtures_cells_tada_beats_every_baseline": res["mixtures_verdict"]["count"]}, indent=1))
+    if "samplers_verdict" in res:
+        print(json.dumps({"digits_cells_tada_beats_every_baseline": res["samplers_verdict"]["count"]}, indent=1))
 
 
 ALL_PARTS = ("mixtures", "samplers", "cfg", "tarflow")
 
 
 def part_mixtures(args, res):
-    """0. exact mixtures: every sampler and the TADA sweep vs NFE, and the verdict on the TADA target."""
+    """0. exact mixtures: every sampler vs NFE on two grids and 3 seeds, and the verdict on the TADA target."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import samplers_mixtures
 
-    payload = samplers_mixtures.run(args.mixture_n, 0, samplers_mixtures.NFES)
+    payload = samplers_mixtures.run(args.mixture_n, samplers_mixtures.SEEDS, samplers_mixtures.NFES)
     samplers_mixtures.plot(payload, args.out.with_name("samplers_mixtures.png"))
+    atomic_write_json(args.out.with_name("samplers_mixtures.json"), payload)
     res["mixtures"] = payload
     res["mixtures_verdict"] = payload["verdict"]
+    print("\n".join(samplers_mixtures.verdict_table(payload)), flush=True)
     atomic_write_json(args.out, res)
 
 
 def part_samplers(args, res):
-    """1. every sampler vs NFE on the unconditional teacher."""
+    """1. every sampler vs NFE on the unconditional teacher: two grids, 3 noise seeds, fd-digits."""
     teacher = load_denoiser(ensure_run(args.teacher, "train-diffusion", "recipes/train-diffusion/edm-digits.yaml",
                                        "edm-digits"))
     rows = []
-    for s in SAMPLERS:
-        for nfe in (1, *NFES) if s == "euler" else NFES:
-            if nfe < MIN_NFE[s]:
-                continue
-            x, _, info = sample_denoiser(teacher, args.n, DiffusionSampleConfig(sampler=s, nfe=nfe, seed=0))
-            m = evaluate_images(x.clamp(-1, 1), "digits", metrics=("fd", "classify"))
-            rows.append({"sampler": s, "nfe": info["nfe"], "fd-digits": m["fd-digits"],
-                         "label_entropy": m.get("label_entropy-digits"), "seconds": info["seconds"]})
-            print(f"{s:9s} nfe {info['nfe']:3d}  fd-digits {m['fd-digits']:8.3f}", flush=True)
-    res["samplers"] = rows
-    fd = {(r["sampler"], r["nfe"]): r["fd-digits"] for r in rows}
-    res["heun35_vs_euler1"] = {"heun_35": fd[("heun", 35)], "euler_1": fd[("euler", 1)],
-                               "ratio": fd[("euler", 1)] / fd[("heun", 35)]}
-    res["best_at_nfe_le_10"] = {n: min(SAMPLERS, key=lambda s: fd.get((s, n), float("inf"))) for n in (3, 5, 7, 10)}
-    plot(rows, args.out.with_suffix(".png"))
+
+    def measure(label, sampler, knobs, nfe, grid, seed):
+        cfg = DiffusionSampleConfig(sampler=sampler, nfe=nfe, seed=seed, schedule=grid, **knobs)
+        x, _, info = sample_denoiser(teacher, args.n, cfg)
+        m = evaluate_images(x.clamp(-1, 1), "digits", metrics=("fd", "classify"))
+        rows.append({"sampler": label, "grid": grid, "seed": seed, "nfe": info["nfe"], "nfe_requested": nfe,
+                     "fd-digits": m["fd-digits"], "label_entropy": m.get("label_entropy-digits"),
+                     "seconds": info["seconds"]})
+        print(f"{label:9s} {grid:9s} seed {seed} nfe {info['nfe']:3d}  fd-digits {m['fd-digits']:8.3f}", flush=True)
+        res["samplers"] = rows
+        atomic_write_json(args.out, res)
+
+    for seed in SEEDS:
+        measure("euler", "euler", {}, 1, "karras", seed)
+        for grid in GRIDS:
+            for label, sampler, knobs in VARIANTS:
+                for nfe in NFES:
+                    measure(label, sampler, knobs, nfe, grid, seed)
+    summary = summarize_fd(rows)
+    res["samplers_summary"] = summary
+    fd = {(r["sampler"], r["grid"], r["nfe_requested"]): r["fd-digits"] for r in summary}
+    res["heun35_vs_euler1"] = {"heun_35": fd[("heun", "karras", 35)], "euler_1": fd[("euler", "karras", 1)],
+                               "ratio": fd[("euler", "karras", 1)] / fd[("heun", "karras", 35)]}
+    res["samplers_verdict"] = digits_verdict(rows, summary)
+    print("\n".join(digits_table(summary)), flush=True)
+    plot(summary, args.out.with_suffix(".png"))
     atomic_write_json(args.out, res)
 
+
+def summarize_fd(rows):
+    """Mean and standard deviation of fd-digits over seeds per (sampler, grid, requested NFE)."""
+    import statistics
+
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["sampler"], r["grid"], r["nfe_requested"]), []).append(r)
+    return [{"sampler": s, "grid": g, "nfe_requested": n, "nfe": rs[0]["nfe"], "seeds": len(rs),
+             "fd-digits": statistics.fmean(r["fd-digits"] for r in rs),
+             "fd-digits_std": statistics.stdev([r["fd-digits"] for r in rs]) if len(rs) > 1 else 0.0}
+            for (s, g, n), rs in groups.items()]
+
+
+def digits_verdict(rows, summary):
+    """Per (grid, NFE <= 10): does TADA (AB 3, AB 2) beat each baseline in mean fd-digits, and on how many seeds?"""
+    mean = {(r["sampler"], r["grid"], r["nfe_requested"]): r["fd-digits"] for r in summary}
+    seed = {(r["sampler"], r["grid"], r["nfe_requested"], r["seed"]): r["fd-digits"] for r in rows}
+    cells = []
+    for grid in GRIDS:
+        for nfe in (n for n in NFES if n <= 10):
+            for t in TADAS:
+                cell = {"grid": grid, "nfe": nfe, "tada": t, "tada_value": mean[(t, grid, nfe)], "baselines": {}}
+                for b in BASELINES:
+                    wins = sum(seed[(t, grid, nfe, s)] < seed[(b, grid, nfe, s)] for s in SEEDS)
+                    cell["baselines"][b] = {"value": mean[(b, grid, nfe)],
+                                            "tada_wins": mean[(t, grid, nfe)] < mean[(b, grid, nfe)],
+                                            "seeds_won": f"{wins}/{len(SEEDS)}"}
+                cell["beats_all"] = all(v["tada_wins"] for v in cell["baselines"].values())
+                cells.append(cell)
+    return {"cells": cells, "count": {t: f"{sum(c['beats_all'] for c in cells if c['tada'] == t)}/"
+                                         f"{sum(1 for c in cells if c['tada'] == t)}" for t in TADAS}}
+
+
+def digits_table(summary):
+    """Markdown: fd-digits (mean over seeds) per (grid, NFE) of every sampler, TADA's verdict vs the best baseline."""
+    mean = {(r["sampler"], r["grid"], r["nfe_requested"]): r for r in summary}
+    cols = [v[0] for v in VARIANTS]
+    lines = ["| grid | NFE | " + " | ".join(cols) + " | TADA vs best baseline | TADA p=2 vs best |",
+             "|" + "---|" * (len(cols) + 4)]
+    for grid in GRIDS:
+        for nfe in NFES:
+            vals = {c: mean[(c, grid, nfe)]["fd-digits"] for c in cols}
+            best = min(BASELINES, key=lambda b: vals[b])
+            calls = [f"{'win' if vals[t] < vals[best] else 'loss'} ({vals[t] / vals[best]:.2f}x {best})" for t in TADAS]
+            lines.append(f"| {grid} | {nfe} | " + " | ".join(
+                f"{vals[c]:.2f} +- {mean[(c, grid, nfe)]['fd-digits_std']:.2f}" for c in cols) + " | "
+                + " | ".join(calls) + " |")
+    return lines
 
 
 def part_cfg(args, res):

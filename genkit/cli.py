@@ -55,13 +55,30 @@ for _name, _sub in SUBAPPS.items():
     app.add_typer(_sub, name=_name)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="print the version and exit")):
     if version:
         import genkit
 
         typer.echo(f"genkit {genkit.__version__}")
         raise typer.Exit()
+
+
+def _cli_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(Exit, Abort, ClickException) classes of click and of Typer's vendored click (Typer >= 0.20 raises its
+    own copies, which are not click's classes), so that bad usage is one message under either Typer."""
+    exits, aborts = [click.exceptions.Exit, typer.Exit], [click.exceptions.Abort, typer.Abort]
+    usage = [click.ClickException]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = None
+    if vendored is not None:
+        usage.append(vendored.ClickException)
+    return tuple(set(exits)), tuple(set(aborts)), tuple(set(usage))
+
+
+_EXIT, _ABORT, _USAGE = _cli_exceptions()
 
 
 def _fail(message: str, code: int) -> int:
@@ -80,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(str(e), e.exit_code)
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         return _fail("aborted", 1)
-    except click.ClickException as e:
+    except _USAGE as e:
         e.show()
         return e.exit_code
     except KeyboardInterrupt:

@@ -15,8 +15,8 @@ def decode(
     args: Optional[List[str]] = typer.Argument(
         None, show_default=False,
         help="A recipe YAML (optional) followed by key=value settings, e.g. algo=wino tau1=0.6 gen_length=256."),
-    model: Path = typer.Option(..., "--model", "-m", help="model folder (config.json + *.safetensors), or a "
-                               "train-dllm run folder"),
+    model: Path = typer.Option(..., "--model", "-m", help="model folder (config.json + *.safetensors: LLaDA, "
+                               "MMaDA, Dream or DiffuCoder), or a train-dllm run folder"),
     data: Path = typer.Option(..., "--data", "-d", help="JSONL: prompt (text) or prompt_ids, optional id and "
                               "answer; GSM8K-format lines (question, answer with ####) work too"),
     out: Path = typer.Option(Path("runs/decode"), "--out", "-o", help="output folder (config.yaml, "
@@ -36,6 +36,10 @@ def decode(
 
     Example: genkit decode --model runs/sudoku-pack --data runs/sudoku-pack/data/test.jsonl algo=wino tau1=0.6
     tau2=0.9 --out runs/sudoku-pack/wino
+
+    Code benchmarks: genkit decode --model /models/DiffuCoder-7B-Instruct --data HumanEvalPlus.jsonl.gz
+    algo=entropy code=instruct gen_length=512 steps=512 dtype=bfloat16 (writes samples.jsonl for
+    `genkit eval pass-at-k`).
     """
     from genkit import config as C
     from genkit.dllm.decode import normalise_overrides

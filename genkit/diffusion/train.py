@@ -70,7 +70,7 @@ class DiffusionTrainConfig:
 @dataclass
 class DiffusionEvalConfig:
     samples: int = field(64, help="samples in the final samples.png grid (0 = none)", min=0)
-    sampler: Literal["heun", "euler", "dpmpp-2m", "tada"] = field("heun", help="sampler of the final samples")
+    sampler: Literal["heun", "euler", "dpmpp-2m", "unipc", "tada"] = field("heun", help="sampler of the final samples")
     nfe: int = field(35, help="denoiser evaluations of the final samples (Heun: 2 steps - 1)", min=1)
     sigma_min: float = field(0.002, help="smallest sampling sigma (Karras schedule)", min=0.0)
     sigma_max: float = field(80.0, help="largest sampling sigma (Karras schedule)", min=0.0)

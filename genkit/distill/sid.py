@@ -51,6 +51,14 @@ def generator_sigmas(uniform: torch.Tensor, tmax: int = 800, sigma_min: float = 
     return (hi + (1 - t) * (lo - hi)) ** rho
 
 
+def ddpm_timesteps(uniform: torch.Tensor, t_min: int = 20, t_max: int = 980) -> torch.Tensor:
+    """Integer timesteps t ~ U{t_min, ..., t_max - 1} from u ~ U[0, 1): t = t_min + floor(u (t_max - t_min)).
+    Official SiD-LSG (``sid_training_loop.py``: ``torch.randint(tmin, tmax)`` with tmin = 20, tmax = 980) draws
+    them this way for both losses of a DDPM-schedule (Stable Diffusion) teacher."""
+    t = t_min + (uniform.double() * (t_max - t_min)).floor().long()
+    return t.clamp(t_min, t_max - 1)
+
+
 def edm_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Table 1)."""
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
@@ -133,8 +141,12 @@ class SiDLoss:
 
     def __init__(self, alpha: float = 1.2, tmax: int = 800, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = SIGMA_DATA,
-                 normaliser: str = "sample"):
+                 normaliser: str = "sample", ddpm_sigmas: torch.Tensor | None = None, ddpm_tmin: int = 20,
+                 ddpm_tmax: int = 980):
         self.alpha = alpha
+        # DDPM-schedule teachers (official SiD-LSG): the teacher's discrete sigma_t = sqrt((1 - a_t) / a_t), t = 0..
+        self.ddpm_sigmas = None if ddpm_sigmas is None else torch.as_tensor(ddpm_sigmas, dtype=torch.float64)
+        self.ddpm_tmin, self.ddpm_tmax = ddpm_tmin, ddpm_tmax
         self.normaliser = normaliser
         self.tmax = tmax
         self.sigma_min = sigma_min
@@ -144,6 +156,29 @@ class SiDLoss:
         self.p_std = p_std
         self.sigma_data = sigma_data
 
+    # ---------------------------------------------------------------------------------- noise levels
+    def fake_sigma_weight(self, sigma_normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma, weight), each (B,), of the fake-score (and SiDA discriminator) loss.
+
+        EDM teachers (official SiD): ln sigma ~ N(P_mean, P_std^2) and the EDM weight lambda(sigma).
+        DDPM-schedule teachers (official SiD-LSG): t ~ U{tmin..tmax-1}, sigma = sigma_t, weight 1 / sigma^2: then
+        lambda (D - x_g)^2 is the official unweighted epsilon MSE (eps_hat - eps)^2, since eps_hat - eps =
+        (x_g - D) / sigma; for a v-prediction teacher the official snr/(snr+1)-weighted v MSE is the same value.
+        The standard normal ``sigma_normal`` becomes the uniform of t through its CDF."""
+        if self.ddpm_sigmas is None:
+            sigma = fake_score_sigmas(sigma_normal, self.p_mean, self.p_std)
+            return sigma, edm_weight(sigma, self.sigma_data)
+        u = 0.5 * (1 + torch.erf(sigma_normal.double() / 2 ** 0.5))
+        sigma = self.ddpm_sigmas[ddpm_timesteps(u, self.ddpm_tmin, self.ddpm_tmax)]
+        return sigma.float(), sigma.pow(-2).float()
+
+    def generator_sigma(self, t_uniform: torch.Tensor) -> torch.Tensor:
+        """(B,) sigma of the generator loss: :func:`generator_sigmas` (EDM teachers, official SiD), or the DDPM
+        teacher's sigma_t at t ~ U{tmin..tmax-1} (official SiD-LSG), from u ~ U[0, 1)."""
+        if self.ddpm_sigmas is None:
+            return generator_sigmas(t_uniform, self.tmax, self.sigma_min, self.sigma_max, self.rho)
+        return self.ddpm_sigmas[ddpm_timesteps(t_uniform, self.ddpm_tmin, self.ddpm_tmax)].float()
+
     # ---------------------------------------------------------------------------------- fake score f_psi
     def __call__(self, fake, images: torch.Tensor, noise: torch.Tensor, sigma_normal: torch.Tensor, cond=None,
                  null=None, kappa: float = 1.0) -> tuple[torch.Tensor, int]:
@@ -152,14 +187,15 @@ class SiDLoss:
 
             L_psi = lambda(sigma) * || D_psi,kappa1(x_g + sigma n, sigma) - x_g ||^2,   ln sigma ~ N(P_mean, P_std^2)
 
-        ``kappa`` is SiD-LSG's kappa_1 (guidance on f_psi while it trains; 1 = none).  Returns the
-        unreduced loss over the finite rows and the number of dropped rows."""
+        (sigma and lambda of DDPM-schedule teachers: :meth:`fake_sigma_weight`).  ``kappa`` is SiD-LSG's
+        kappa_1 (guidance on f_psi while it trains; 1 = none).  Returns the unreduced loss over the finite rows
+        and the number of dropped rows."""
         images = images.detach()
-        sigma = fake_score_sigmas(sigma_normal, self.p_mean, self.p_std).to(images.device)  # (B,)
+        sigma, lam = (v.to(images.device) for v in self.fake_sigma_weight(sigma_normal))  # (B,) each
         x_t = images + noise.to(images) * broadcast_sigma(sigma, images)
         d = guided(fake, x_t, sigma, cond, null, kappa)  # (B, ...)
         ok = finite_rows(images, d)
-        weight = broadcast_sigma(edm_weight(sigma, self.sigma_data), images)
+        weight = broadcast_sigma(lam, images)
         loss = weight[ok] * (d[ok].float() - images[ok].float()) ** 2
         return loss, int((~ok).sum())
 
@@ -168,7 +204,7 @@ class SiDLoss:
                        cond=None, null=None, kappa_fake: float = 1.0, kappa_real: float = 1.0,
                        adversarial: bool = False):
         """Generator loss on ``images`` = G(z) (with gradient), official ``SID_EDMLoss.generator_loss``:
-        sigma from :func:`generator_sigmas`, x_t = x_g + sigma n, d_real = f_phi(x_t), d_fake = f_psi(x_t),
+        sigma from :meth:`generator_sigma`, x_t = x_g + sigma n, d_real = f_phi(x_t), d_fake = f_psi(x_t),
         loss :func:`sid_generator_objective`.  The networks' weights are frozen by the caller; the gradient
         reaches G through x_t in both.
 
@@ -185,7 +221,7 @@ class SiDLoss:
         per-sample mean, which gives the same value.
 
         Returns ``(loss (B', ...), n_dropped)`` or, adversarial, ``(loss, adv (B',), n_dropped)``."""
-        sigma = generator_sigmas(t_uniform, self.tmax, self.sigma_min, self.sigma_max, self.rho).to(images.device)
+        sigma = self.generator_sigma(t_uniform).to(images.device)  # (B,)
         x_t = images + noise.to(images) * broadcast_sigma(sigma, images)
         d_real = guided(teacher, x_t, sigma, cond, null, kappa_real)
         if adversarial:
@@ -216,21 +252,20 @@ class SiDLoss:
             L_D   = lambda(sigma) * (BCE(logits(real + sigma n), 1) + BCE(logits(x_g + sigma n), 0)) / 2
 
         with both BCEs mean-reduced over this process's batch (one value times lambda(sigma) per sample, as
-        the official code).  The official code runs the real images through the encoder in a second call;
+        the official code; DDPM-schedule teachers: the sigma and weight of :meth:`fake_sigma_weight`).  The official code runs the real images through the encoder in a second call;
         here both go through f_psi as one batch, which is the same for per-sample-normalised networks and
         keeps one forward per backward under DistributedDataParallel.
 
         Returns ``(loss_psi (B', ...), loss_D (B',), n_dropped)``."""
         images = images.detach()
         b = images.shape[0]
-        sigma = fake_score_sigmas(sigma_normal, self.p_mean, self.p_std).to(images.device)  # (B,)
+        sigma, weight = (v.to(images.device) for v in self.fake_sigma_weight(sigma_normal))  # (B,) each
         n = noise.to(images) * broadcast_sigma(sigma, images)
         cc = None if cond is None else torch.cat([cond, cond])
         d, logits = fake(torch.cat([images + n, real.to(images) + n]), torch.cat([sigma, sigma]), cc,
                          return_logits=True)
         d_fake, logit_fake, logit_real = d[:b], logits[:b].float(), logits[b:].float()
         ok = finite_rows(images, d_fake, logit_fake, logit_real)
-        weight = edm_weight(sigma, self.sigma_data)  # (B,)
         loss = broadcast_sigma(weight, images)[ok] * (d_fake[ok].float() - images[ok].float()) ** 2
         lr, lf = logit_real[ok], logit_fake[ok]
         if lr.numel():

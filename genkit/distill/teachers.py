@@ -43,6 +43,7 @@ class Setup:
     data: dict  # the teacher's data facts (source, split_seed, class_names)
     net_config: dict  # enough to rebuild the network from a generator folder
     mixture: object = None  # the exact GaussianMixtureDenoiser for mixture teachers
+    ddpm_sigmas: torch.Tensor | None = None  # discrete-time (DDPM-schedule) teachers: sigma_t, t = 0..T-1
 
 
 def _generator_folder(p: Path) -> Path | None:
@@ -89,7 +90,7 @@ def load_setup(cfg) -> Setup:
         net_config = {"kind": "diffusers", "class_name": type(unet).__name__, "unet": dict(unet.config),
                       "prediction_type": den.prediction_type}
         return Setup("diffusers", freeze(copy.deepcopy(net)), net, denoiser_shape(den), 0, xattn,
-                     {"source": "", "class_names": None}, net_config)
+                     {"source": "", "class_names": None}, net_config, ddpm_sigmas=den.sigmas.detach().cpu().clone())
     raise ConfigError(f"teacher '{path}' is a {type(den).__name__}; genkit distill takes a genkit EDM teacher, "
                       "a Gaussian-mixture .yaml or a diffusers UNet folder")
 

@@ -54,6 +54,13 @@ class SiDConfig:
     normaliser: Literal["sample", "batch"] = field(
         "sample", help="generator-loss normaliser w: per-sample mean |x_g - f_phi| (official) or its batch mean "
         "(genkit option for low-dimensional data, see genkit/distill/sid.py)")
+    schedule: Literal["auto", "edm", "ddpm"] = field(
+        "auto", help="noise levels of both losses. edm (official SiD): ln sigma ~ N(p_mean, p_std^2) with the "
+        "lambda-weighted x0 loss for f_psi, the Karras ramp up to tmax for G; ddpm (official SiD-LSG for Stable "
+        "Diffusion): t ~ U{ddpm_tmin..ddpm_tmax-1} on the teacher's discrete schedule for both, unweighted "
+        "epsilon MSE for f_psi; auto: ddpm for diffusers (DDPM-schedule) teachers, edm otherwise")
+    ddpm_tmin: int = field(20, help="schedule=ddpm: smallest timestep drawn (official SiD-LSG tmin)", min=0)
+    ddpm_tmax: int = field(980, help="schedule=ddpm: timesteps are drawn below this (official SiD-LSG tmax)", min=1)
     loss_scaling: float = field(1.0, help="scale of the fake-score loss (official --ls)", min=0.0)
     loss_scaling_g: float = field(100.0, help="scale of the generator loss (official --lsg)", min=0.0)
 
@@ -169,7 +176,23 @@ class DistillRecipe:
             p.append("sida.init_generator: only used with method=sida")
         if self.sida.init_generator and not Path(self.sida.init_generator).exists():
             p.append(f"sida.init_generator: '{self.sida.init_generator}' does not exist")
+        if self.sid.ddpm_tmin >= self.sid.ddpm_tmax:
+            p.append(f"sid.ddpm_tmin: {self.sid.ddpm_tmin} must be below sid.ddpm_tmax={self.sid.ddpm_tmax}")
         return p
+
+
+def resolve_schedule(cfg: DistillRecipe, setup):
+    """(name, discrete sigmas or None): the noise-level schedule of both losses (see ``SiDConfig.schedule``)."""
+    sigmas = setup.ddpm_sigmas
+    name = cfg.sid.schedule if cfg.sid.schedule != "auto" else ("ddpm" if sigmas is not None else "edm")
+    if name == "edm":
+        return name, None
+    if sigmas is None:
+        raise ConfigError(f"sid.schedule=ddpm: teacher '{cfg.teacher}' has no discrete DDPM schedule (a diffusers "
+                          "UNet folder has one); use sid.schedule=edm")
+    if cfg.sid.ddpm_tmax > len(sigmas):
+        raise ConfigError(f"sid.ddpm_tmax: {cfg.sid.ddpm_tmax} exceeds the teacher's {len(sigmas)} timesteps")
+    return name, sigmas
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -211,6 +234,22 @@ def load_real(setup, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
     if tuple(data.shape) != shape:
         raise ConfigError(f"sida.real: '{source}' images are {tuple(data.shape)}, the teacher makes {shape}")
     return data.to_unit(), data.labels
+
+
+def sid2a_init(cfg: DistillRecipe, setup):
+    """SiD2A (SiDA paper): G starts from a SiD generator, which must share this run's network and sigma_init
+    (G(z) = D(sigma_init z, sigma_init): another sigma_init would feed it inputs it was never trained on)."""
+    from genkit.distill.teachers import load_generator
+
+    init, init_cfg = load_generator(cfg.sida.init_generator)
+    if float(init_cfg["sigma_init"]) != float(cfg.sid.sigma_init):
+        raise ConfigError(f"sid.sigma_init: {cfg.sid.sigma_init} differs from the {init_cfg['sigma_init']} that "
+                          f"'{cfg.sida.init_generator}' was distilled with; set sid.sigma_init="
+                          f"{init_cfg['sigma_init']} for SiD2A")
+    if init_cfg["net"] != setup.net_config:
+        raise ConfigError(f"sida.init_generator: '{cfg.sida.init_generator}' was distilled from another "
+                          "network than this teacher")
+    return init
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -315,6 +354,8 @@ def distill(cfg: DistillRecipe, out: str | Path, *, quiet: bool = False) -> dict
     seed = cfg.runtime.seed
     setup = load_setup(cfg)  # one-line ConfigError for a teacher of the wrong kind
     cond = build_conditioning(setup, cfg)  # ... or a method/teacher mismatch
+    schedule, ddpm_sigmas = resolve_schedule(cfg, setup)
+    init = sid2a_init(cfg, setup) if cfg.method == "sida" and cfg.sida.init_generator else None
     rt.write_config(cfg)
     if setup.mixture is not None:
         fit_mixture_nets(setup, cfg, rt.out, rt, quiet=quiet or not rt.is_main)
@@ -324,20 +365,15 @@ def distill(cfg: DistillRecipe, out: str | Path, *, quiet: bool = False) -> dict
     real_x, real_y = load_real(setup, cfg) if sida else (None, None)
     use_real_labels = sida and cond.kind == "class" and real_y is not None
     s = cfg.sid
-    loss_fn = SiDLoss(s.alpha, s.tmax, s.sigma_min, s.sigma_max, s.rho, s.p_mean, s.p_std, normaliser=s.normaliser)
+    loss_fn = SiDLoss(s.alpha, s.tmax, s.sigma_min, s.sigma_max, s.rho, s.p_mean, s.p_std, normaliser=s.normaliser,
+                      ddpm_sigmas=ddpm_sigmas, ddpm_tmin=s.ddpm_tmin, ddpm_tmax=s.ddpm_tmax)
     gen_config = generator_config(cfg, setup, cond)
 
     # f_psi and G start as the teacher (SiD2A: G from a SiD generator)
     torch.manual_seed(seed)
     fake = trainable_copy(setup.net)
     gen = OneStepGenerator(trainable_copy(setup.net), s.sigma_init)
-    if sida and cfg.sida.init_generator:
-        from genkit.distill.teachers import load_generator
-
-        init, init_cfg = load_generator(cfg.sida.init_generator)
-        if init_cfg["net"] != setup.net_config:
-            raise ConfigError(f"sida.init_generator: '{cfg.sida.init_generator}' was distilled from another "
-                              "network than this teacher")
+    if init is not None:
         gen.load_state_dict(init.state_dict())
     t = cfg.train
     opt_f = torch.optim.Adam(fake.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
@@ -376,7 +412,7 @@ def distill(cfg: DistillRecipe, out: str | Path, *, quiet: bool = False) -> dict
     per_rank = B // rt.world_size  # official batch_gpu_total: losses are sums divided by it
     shape = tuple(setup.shape)
     t0, last = time.time(), {}
-    rt.log(start, event="start", method=cfg.method, teacher=str(cfg.teacher), kind=setup.kind,
+    rt.log(start, event="start", method=cfg.method, teacher=str(cfg.teacher), kind=setup.kind, schedule=schedule,
            cond=cond.kind, routing_accuracy=cond.routing_accuracy)
     with rt.progress(t.steps, initial=start, description=f"distill {cfg.method}") as bar:
         for step in range(start, t.steps):
@@ -491,7 +527,8 @@ def distill(cfg: DistillRecipe, out: str | Path, *, quiet: bool = False) -> dict
     train_seconds = prior_seconds + session
     rt.save_checkpoint(t.steps, gen_p, opt_g, config=gen_config, ema=ema, meta={"train_seconds": train_seconds})
 
-    metrics = {"method": cfg.method, "teacher": str(cfg.teacher), "kind": setup.kind, "cond": cond.kind,
+    metrics = {"method": cfg.method, "teacher": str(cfg.teacher), "kind": setup.kind, "schedule": schedule,
+               "cond": cond.kind,
                "steps": t.steps, "batch_size": B, "generator_params": sum(p.numel() for p in gen_u.parameters()),
                "train_seconds": round(train_seconds, 2),  # all sessions of a resumed run
                "seconds_per_iteration": round(session / (t.steps - start) if t.steps > start

@@ -1,5 +1,6 @@
-"""genkit.dllm: masked diffusion language models (genkit's LLaDA-compatible model) and their decoders."""
+"""genkit.dllm: masked diffusion language models (genkit's LLaDA- and Dream-compatible models) and their decoders."""
 
+from .dream_model import DreamConfig, DreamModel
 from .model import LLaDAConfig, LLaDAModel, LLaDAOutput
 
-__all__ = ["LLaDAConfig", "LLaDAModel", "LLaDAOutput"]
+__all__ = ["DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModel", "LLaDAOutput"]

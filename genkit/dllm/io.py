@@ -1,7 +1,7 @@
 """Reading and writing what `train-dllm` and `decode` exchange: JSONL rows, model folders, the SFT layout.
 
 A model folder is `config.json` + `model.safetensors` (LLaDA format, loadable by `LLaDAModel.from_pretrained`
-and by the official LLaDA code), a tokenizer (genkit's `tokenizer.json`, or Hugging Face tokenizer files)
+and by the official LLaDA code; or an official Dream / DiffuCoder folder, loaded by `DreamModel`), a tokenizer (genkit's `tokenizer.json`, or Hugging Face tokenizer files)
 and, for models trained by genkit, `genkit.json` (the task, gen_length, prompt format) that `genkit decode`
 uses as defaults.
 """
@@ -21,7 +21,7 @@ INFO_FILE = "genkit.json"
 
 # ------------------------------------------------------------------------------------------- JSONL
 def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
-    """Rows of a JSONL file, each with `_line` (1-based line number).
+    """Rows of a JSONL file (gzipped when it ends in .gz), each with `_line` (1-based line number).
 
     strict: a bad line (blank, malformed JSON, not an object) is a ConfigError naming it; otherwise it
     becomes `{"_error": ..., "_line": n}` so that a results file keeps one record per input line. Blank
@@ -30,7 +30,15 @@ def read_jsonl(path: str | os.PathLike, *, strict: bool = True) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file '{path}' does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".gz":  # HumanEval.jsonl.gz, EvalPlus's HumanEvalPlus / MbppPlus releases
+        import gzip
+
+        try:
+            lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise ConfigError(f"data file '{path}' is not a readable gzip of UTF-8 text ({e})") from None
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     rows = []
@@ -82,14 +90,22 @@ def load_dllm(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = 
               device: str | torch.device = "cpu"):
     """(model, tokenizer or None, info dict) from a model/run/checkpoint folder.
 
-    Refuses, with one line, folders that are not a LLaDA-style masked LM or have no mask id.
-    `tokenizer` overrides where the tokenizer is read from (default: the model folder, then the run folder).
+    The folder's config.json picks the class: Dream / DiffuCoder folders (model_type 'Dream', architectures
+    ['DreamModel']) load as genkit's `DreamModel` (shifted logits), everything else as `LLaDAModel`. Refuses,
+    with one line, folders that are neither or have no mask id. `tokenizer` overrides where the tokenizer is
+    read from (default: the model folder, then the run folder).
     """
+    from .dream_model import DreamModel, is_dream_config
     from .model import LLaDAModel
     from .tokenizer import load_tokenizer
 
     folder = resolve_model_folder(path)
-    model = LLaDAModel.from_pretrained(folder, dtype=dtype, device=device)
+    try:
+        dream = is_dream_config(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        dream = False  # the LLaDA loader reports what is wrong with the file
+    cls = DreamModel if dream else LLaDAModel
+    model = cls.from_pretrained(folder, dtype=dtype, device=device)
     mask_id = model.config.mask_token_id
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, mask_id)
@@ -102,6 +118,8 @@ def load_dllm(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = 
             tok = load_tokenizer(cand, mask_id)
             if tok is not None:
                 break
+    if tok is not None and dream and hasattr(tok, "stop_ids"):
+        tok.stop_ids |= dream_stop_ids(tok, model.config)
     if tok is not None and tok.mask_id != mask_id:
         raise ConfigError(f"the tokenizer's mask id {tok.mask_id} differs from the model's mask_token_id {mask_id}")
     if tok is not None and tok.vocab_size > model.config.embedding_size:
@@ -126,6 +144,18 @@ def write_model_folder(folder: str | os.PathLike, model, tok, info: dict) -> Pat
         tok.tok.save_pretrained(str(folder))
     atomic_write_json(Path(folder) / INFO_FILE, info)
     return Path(folder)
+
+
+DREAM_STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|dlm_pad|>")
+
+
+def dream_stop_ids(tok, config) -> set[int]:
+    """Token ids that end a Dream / DiffuCoder answer: EOS / padding `<|endoftext|>`, the chat turn's end
+    `<|im_end|>` and DiffuCoder's `<|dlm_pad|>` (its demos cut the decoded text at the last two)."""
+    ids = {i for i in (config.eos_token_id, config.pad_token_id, tok.eos_id) if i is not None}
+    vocab = tok.tok.get_vocab()
+    ids |= {vocab[t] for t in DREAM_STOP_TOKENS if t in vocab}
+    return ids - {tok.mask_id}
 
 
 # ------------------------------------------------------------------------------------------- SFT layout

@@ -204,6 +204,28 @@ class LLaDABlock(nn.Module):
         return x, present
 
 
+def attention_mask_4d(attention_mask, B: int, L: int, S: int):
+    """A boolean (B or 1, 1, L, S) mask (True = may attend) from None, a (B, S) key-padding mask or a 4-D mask.
+
+    Shared by genkit's LLaDA and Dream models: both take the same masks (WINO's shadow block, left padding).
+    """
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dtype != torch.bool:
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ConfigError("attention_mask must be boolean (True = may attend) or 0/1; "
+                              "additive float biases are not supported")
+        m = m.bool()
+    if m.ndim == 2:  # (B, S) key padding: every query may attend to the non-padding keys
+        if m.shape != (B, S):
+            raise ConfigError(f"a 2-D attention_mask must be (batch, keys) = ({B}, {S}), got {tuple(m.shape)}")
+        return m[:, None, None, :].expand(B, 1, L, S)  # (B, 1, L, S)
+    if m.ndim != 4 or m.shape[1:] != (1, L, S) or m.shape[0] not in (1, B):
+        raise ConfigError(f"a 4-D attention_mask must be ({B} or 1, 1, {L}, {S}), got {tuple(m.shape)}")
+    return m
+
+
 class LLaDAModel(nn.Module):
     """LLaDA masked diffusion LM. `model(input_ids, attention_mask, position_ids) -> logits (B, L, V)`.
 
@@ -259,23 +281,6 @@ class LLaDAModel(nn.Module):
             self._rope_cache[key] = (angles.sin(), angles.cos())
         return self._rope_cache[key]
 
-    def _mask_4d(self, attention_mask, B, L, S):
-        if attention_mask is None:
-            return None
-        m = attention_mask
-        if m.dtype != torch.bool:
-            if not bool(((m == 0) | (m == 1)).all()):
-                raise ConfigError("attention_mask must be boolean (True = may attend) or 0/1; "
-                                  "additive float biases are not supported")
-            m = m.bool()
-        if m.ndim == 2:  # (B, S) key padding: every query may attend to the non-padding keys
-            if m.shape != (B, S):
-                raise ConfigError(f"a 2-D attention_mask must be (batch, keys) = ({B}, {S}), got {tuple(m.shape)}")
-            return m[:, None, None, :].expand(B, 1, L, S)  # (B, 1, L, S)
-        if m.ndim != 4 or m.shape[1:] != (1, L, S) or m.shape[0] not in (1, B):
-            raise ConfigError(f"a 4-D attention_mask must be ({B} or 1, 1, {L}, {S}), got {tuple(m.shape)}")
-        return m
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -304,7 +309,7 @@ class LLaDAModel(nn.Module):
         if position_ids is None:
             position_ids = cache_positions if cache_positions is not None else torch.arange(
                 past_len, past_len + L, device=input_ids.device)
-        mask = self._mask_4d(attention_mask, B, L, S)
+        mask = attention_mask_4d(attention_mask, B, L, S)
         sin, cos = self.rope_tables(input_ids.device, needed=int(position_ids.max()) + 1)
         sin, cos = sin[position_ids], cos[position_ids]  # (L, D) or (B, L, D)
         sin, cos = (sin[None, None], cos[None, None]) if position_ids.ndim == 1 else (sin[:, None], cos[:, None])
@@ -336,70 +341,90 @@ class LLaDAModel(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> "LLaDAModel":
         """Load `config.json` + `model.safetensors` (or shards listed in `model.safetensors.index.json`)."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
-        cfg_path = folder / "config.json"
-        if not cfg_path.is_file():
-            raise ConfigError(f"{folder} has no config.json: pass a LLaDA checkpoint folder "
-                              "(config.json + *.safetensors)")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace it") from e
-        config = LLaDAConfig.from_dict(raw, source=str(cfg_path))
-
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            files = sorted(p.name for p in folder.glob("*.safetensors"))
-        if not files:
-            raise ConfigError(f"{folder} has no *.safetensors weights; genkit loads safetensors only "
-                              "(convert .bin/.pt checkpoints with safetensors first)")
-        state = {}
-        for name in files:
-            if not (folder / name).is_file():
-                raise ConfigError(f"{folder / name} is listed in model.safetensors.index.json but missing; "
-                                  "re-download the checkpoint")
-            state.update(load_file(str(folder / name), device=str(device)))
-
+        raw = read_config_json(folder, "a LLaDA checkpoint folder (config.json + *.safetensors)")
+        config = LLaDAConfig.from_dict(raw, source=str(folder / "config.json"))
+        state = read_safetensors_folder(folder, device)
         with torch.device("meta"):
             model = cls(config)
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ConfigError(
-                f"{folder} weights do not match a LLaDA model with this config.json "
-                f"(missing: {missing[:3]}{'...' if len(missing) > 3 else ''}; "
-                f"unexpected: {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); "
-                "check that config.json belongs to these weights")
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+        return assign_state(model, state, folder, "a LLaDA model", dtype)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write config.json + model.safetensors into a temporary folder, then rename it into place."""
-        from safetensors.torch import save_file
+        return write_model_folder(folder, self.config.to_dict(), self.state_dict())
 
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            old = None
-            if folder.exists():
-                old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-                folder.rename(old)
-            tmp.rename(folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+# ------------------------------------------------------------------------------------------- model folders
+def read_config_json(folder: Path, what: str) -> dict:
+    """The parsed `config.json` of a model folder; one-line ConfigError when absent or not JSON."""
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{folder} has no config.json: pass {what}")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace it") from e
+
+
+def read_safetensors_folder(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors`, or of the shards named by `model.safetensors.index.json`."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{folder} has no *.safetensors weights; genkit loads safetensors only "
+                          "(convert .bin/.pt checkpoints with safetensors first)")
+    state = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise ConfigError(f"{folder / name} is listed in model.safetensors.index.json but missing; "
+                              "re-download the checkpoint")
+        state.update(load_file(str(folder / name), device=str(device)))
+    return state
+
+
+def assign_state(model: nn.Module, state: dict, folder: Path, what: str, dtype: torch.dtype | None = None):
+    """Put `state` into a model built on the meta device (strict names), cast to `dtype`; returns it in eval mode."""
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{folder} weights do not match {what} with this config.json "
+            f"(missing: {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+            f"unexpected: {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); "
+            "check that config.json belongs to these weights")
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def write_model_folder(folder: str | os.PathLike, config: dict, state: dict) -> Path:
+    """Write config.json + model.safetensors into a temporary folder, then rename it into place."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        old = None
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            folder.rename(old)
+        tmp.rename(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -11,8 +11,9 @@ EOS and the model learns to produce them), `<|mask|>` and `<|bos|>`. It is saved
 (`"type": "genkit-char"`) next to the model's `config.json`.
 
 `HFTokenizer` wraps `transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)` (never
-downloads). LLaDA's tokenizer has no mask token registered; its id comes from the model config
-(`mask_token_id`, 126336 for LLaDA-8B).
+downloads, never runs a folder's code: Dream's `DreamTokenizer` is read as the Qwen2Tokenizer it copies).
+LLaDA's tokenizer has no mask token registered; its id comes from the model config (`mask_token_id`, 126336
+for LLaDA-8B).
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, tok, mask_id: int | None = None):
+    def __init__(self, tok, mask_id: int | None = None, stop_ids=()):
         self.tok = tok
+        self.stop_ids = set(int(i) for i in stop_ids)  # decode() ends at the first of these (Dream: end of turn)
         mid = mask_id if mask_id is not None else tok.mask_token_id
         if mid is None:
             raise ConfigError("the tokenizer has no mask token and the model config no mask_token_id: "
@@ -126,8 +128,10 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int], *, stop_at_eos: bool = False) -> str:
         ids = [int(i) for i in ids if int(i) != self.mask_id]
-        if stop_at_eos and self.eos_id is not None and self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
+        stops = self.stop_ids | ({self.eos_id} if stop_at_eos and self.eos_id is not None else set())
+        cut = next((n for n, i in enumerate(ids) if i in stops), None)
+        if cut is not None:
+            ids = ids[:cut]
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def chat(self, text: str) -> str:
@@ -159,8 +163,24 @@ def load_tokenizer(folder: str | os.PathLike, mask_id: int | None = None):
         except ImportError:
             raise ConfigError(f"{folder} holds a Hugging Face tokenizer: install transformers to use it") from None
         try:
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            if _tokenizer_class(folder) == "DreamTokenizer":
+                # Dream / DiffuCoder ship `tokenization_dream.py` (remote code): a copy of transformers'
+                # Qwen2Tokenizer (same byte-level BPE files, pre-tokenizer regex, NFC and special tokens),
+                # so the folder is read with that class instead of running the folder's code.
+                from transformers import Qwen2Tokenizer
+
+                tok = Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)
+            else:
+                tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - transformers raises many types; one line for the user
             raise ConfigError(f"could not load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
         return HFTokenizer(tok, mask_id)
     return None
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    """`tokenizer_class` of a folder's tokenizer_config.json (None when absent or unreadable)."""
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -372,7 +372,9 @@ def denoise(model: TarFlow, x, y=None, sigma: float | None = None, *, step_scale
     """Score-based denoising of samples (paper §2, "Denoising"): x + sigma^2 * grad_x log p(x), Tweedie's
     formula for a model trained on data + N(0, sigma^2) noise, with the flow's own exact density. The official
     code (`evaluate_fid.py`, `sample.ipynb`) takes one gradient step on its mean loss with lr = B * N * sigma^2,
-    which is the same step; `step_scale` is its `--self_denoising_lr` multiplier. Batched (samples do not
+    which is the same step; `step_scale` is its `--self_denoising_lr` multiplier. Exact only for Gaussian
+    training noise: for uniform dequantization, sigma = bin width / sqrt(12) matches the noise variance but the
+    step is an approximation. Apply it before clipping to [-1, 1], as the official code does. Batched (samples do not
     interact); works under `no_grad`/`inference_mode`; gradients reach only x, not the weights."""
     if sigma is None:
         raise TypeError("denoise() needs sigma, the std of the Gaussian noise the model was trained with")

@@ -31,7 +31,8 @@ from genkit.runtime.loop import batch_problems, warmup_cosine_lr
 @dataclass
 class FlowDataConfig(ImageDataConfig):
     noise: Literal["uniform", "gaussian"] = field(
-        "uniform", help="uniform dequantization (likelihood runs, exact bits/dim) or Gaussian noise augmentation")
+        "uniform", help="uniform: (k+u)/L*2-1, u~U[0,1) (likelihood runs, exact bits/dim); gaussian: the official "
+        "TarFlow input k/(L-1)*2-1 plus N(0, noise_std^2) (sample quality, denoise=true at sampling)")
     noise_std: float = field(0.05, help="sigma of the Gaussian noise augmentation, in [-1,1] pixel units", min=0.0)
 
 
@@ -66,7 +67,8 @@ class FlowEvalConfig:
     test_bpd: bool = field(True, help="compute test bits/dim at the end of training")
     eval_every: int = field(0, help="also compute test bits/dim every N steps (0 = only at the end)", min=0)
     samples: int = field(64, help="samples for the final samples.png grid (0 = none)", min=0)
-    guidance: float = field(0.0, help="guidance weight of the final samples (CFG or attention temperature)")
+    guidance: float = field(0.0, help="guidance weight of the final samples (CFG for class-conditional flows, "
+                            "attention-temperature guidance for unconditional ones; see genkit sample)", min=0.0)
 
 
 @dataclass
@@ -107,14 +109,20 @@ def lr_at(step: int, t: FlowTrainConfig) -> float:
     return warmup_cosine_lr(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, steps=t.steps)
 
 
+def full_range(ints: torch.Tensor, levels: int) -> torch.Tensor:
+    """``k / (L-1) * 2 - 1``: levels 0 and L-1 land on -1 and +1 (the official TarFlow input, torchvision's
+    ToTensor + Normalize((0.5,), (0.5,)) for L = 256). Not the bin centres of ``ImageData.to_unit``."""
+    return ints.float() / (levels - 1) * 2 - 1
+
+
 def make_inputs(data: ImageData, idx: torch.Tensor, cfg: FlowRecipe, seed: int, step: int):
     """Model inputs of the global batch ``idx`` at ``step``: dequantized/noised images and (dropped) labels."""
     ints = data.ints[idx]
     g = step_generator(seed, step, stream=2)
-    if cfg.data.noise == "uniform":
+    if cfg.data.noise == "uniform":  # (k + u) / L * 2 - 1: exact bits/dim (genkit.eval.bpd)
         x = dequantize(ints, data.levels, torch.rand(ints.shape, generator=g))
-    else:
-        x = (ints.float() + 0.5) / data.levels * 2 - 1 + cfg.data.noise_std * torch.randn(ints.shape, generator=g)
+    else:  # official TarFlow input: ToTensor + Normalize(0.5, 0.5) = k / (L-1) * 2 - 1, plus N(0, noise_std^2)
+        x = full_range(ints, data.levels) + cfg.data.noise_std * torch.randn(ints.shape, generator=g)
     y = None
     if cfg.data.conditional:
         y = data.labels[idx].clone()
@@ -210,7 +218,8 @@ def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict
         atomic_write_json(rt.out / "model" / "data.json", {
             "source": cfg.data.source, "split_seed": cfg.data.split_seed, "levels": train.levels,
             "shape": list(train.shape), "num_classes": train.num_classes if cfg.data.conditional else 0,
-            "noise": cfg.data.noise, "noise_sigma": sigma})
+            "noise": cfg.data.noise, "noise_sigma": sigma,
+            "pixels": "k/(L-1)*2-1" if cfg.data.noise == "gaussian" else "(k+u)/L*2-1"})
         if cfg.eval.test_bpd:
             metrics["test_bpd"] = evaluate_bpd(final, test, rt, None)
             metrics["train_bpd_eval"] = evaluate_bpd(final, train.subset(range(min(len(train), len(test)))), rt,
@@ -231,17 +240,67 @@ def evaluate_bpd(model, data: ImageData, rt, ema=None) -> float:
     return bits_per_dim(flow_log_prob(model), data, batch_size=256, device=rt.device)
 
 
+# Attention temperature of the second ("unconditional") pass when a flow without classes is guided and no
+# attn_temp is given. The official code's default is 1.0, which makes that pass identical to the first, so
+# `cfg=W` would do nothing; its --attn_temp help suggests 0.5 or 1.5. genkit picks UNCOND_ATTN_TEMP (see
+# the README's TarFlow section for the digits measurement behind it). Class-conditional flows use 1.0.
+UNCOND_ATTN_TEMP = 1.5
+MAX_REDRAWS = 100  # resample_nonfinite: rounds of fresh noise before giving up
+
+
+def default_attn_temp(model) -> float:
+    """1.0 for a class-conditional flow (guidance contrasts the label with the null label), else UNCOND_ATTN_TEMP."""
+    return 1.0 if model.config.num_classes else UNCOND_ATTN_TEMP
+
+
 @torch.no_grad()
 def sample_flow(model, n: int, *, seed: int = 0, guidance: float = 0.0, num_classes: int = 0, labels=None,
-                device="cpu", temperature: float = 1.0) -> torch.Tensor:
-    """Draw ``n`` images in [-1, 1]: z ~ N(0, temperature^2 I), reverse pass with the KV cache.
+                device="cpu", temperature: float = 1.0, attn_temp: float | None = None, guide_what: str = "ab",
+                annealed: bool = False, denoise_sigma: float = 0.0, resample_nonfinite: bool = False,
+                stats: dict | None = None) -> torch.Tensor:
+    """Draw ``n`` images in [-1, 1]: z ~ N(0, temperature^2 I), reverse pass with the KV cache, optional
+    score-based denoising, then ``clamp(-1, 1)``.
 
+    Guidance (``TarFlow.reverse``): weight ``guidance`` on ``guide_what`` ('a', 'b' or 'ab'), the second pass at
+    attention temperature ``attn_temp`` (None: ``default_attn_temp``), the weight ramped as g (i+1)/(T-1) with
+    ``annealed`` (official ``evaluate_fid.py``). ``denoise_sigma`` > 0 applies ``denoise`` *before* the clamp, as
+    the official ``evaluate_fid.py`` and ``sample.ipynb`` do. Strong guidance can overflow exp(alpha) in a rare
+    sample (the official sampler has no clamp either): ``stats['non_finite']`` counts the samples that came out
+    non-finite, ``stats['redrawn']`` the draws made to replace them: with ``resample_nonfinite`` their noise is
+    redrawn (fresh draws, seeded) until all ``n`` are finite (the official ``evaluate_fid.py`` redraws the whole batch while it holds a NaN).
     Conditional models get labels ``0..num_classes-1`` cycled (or ``labels``)."""
+    from genkit.errors import RunError
+    from genkit.flows.tarflow import denoise
+
     c = model.config
-    g = step_generator(seed, 0, stream=11)
-    z = temperature * torch.randn((n, c.channels, c.img_size, c.img_size), generator=g).to(device)
+    shape = (c.channels, c.img_size, c.img_size)
     y = None
     if c.num_classes:
         y = (torch.as_tensor(labels) if labels is not None else torch.arange(n) % c.num_classes).to(device)
-    x = model.reverse(z, y, guidance=guidance)
+    temp = default_attn_temp(model) if attn_temp is None else attn_temp
+
+    def draw(rows: torch.Tensor, attempt: int) -> torch.Tensor:  # (len(rows), C, H, W) finished images
+        g = step_generator(seed, attempt, stream=11)
+        z = temperature * torch.randn((n, *shape), generator=g)[rows].to(device)  # row r keeps its own draw
+        yr = None if y is None else y[rows.to(y.device)]
+        x = model.reverse(z, yr, guidance=guidance, guide_what=guide_what, attn_temp=temp, annealed_guidance=annealed)
+        if denoise_sigma > 0:
+            x = denoise(model, x, yr, denoise_sigma)
+        return x
+
+    x = draw(torch.arange(n), 0)  # (n, C, H, W)
+    bad = ~torch.isfinite(x).flatten(1).all(1)  # (n,)
+    non_finite, attempt, redrawn = int(bad.sum()), 0, 0
+    while resample_nonfinite and bad.any():
+        attempt += 1
+        if attempt > MAX_REDRAWS:
+            raise RunError(f"{int(bad.sum())} of {n} samples stayed non-finite after {MAX_REDRAWS} redraws: "
+                           "lower the guidance weight")
+        rows = bad.nonzero().flatten().cpu()
+        x[bad] = draw(rows, attempt)
+        redrawn += len(rows)
+        bad = ~torch.isfinite(x).flatten(1).all(1)
+    if stats is not None:
+        stats["non_finite"] = stats.get("non_finite", 0) + non_finite
+        stats["redrawn"] = stats.get("redrawn", 0) + redrawn
     return x.clamp(-1, 1)

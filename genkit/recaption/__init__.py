@@ -7,6 +7,7 @@ process or many (rank-strided shards).  See :mod:`genkit.recaption.pipeline` for
 """
 
 from genkit.recaption.pipeline import PAPER_PROMPT, RecaptionConfig, recaption
-from genkit.recaption.shards import braceexpand, expand_shards, iter_tar_samples
+from genkit.recaption.shards import StreamError, expand_shards, iter_tar_samples, shard_name
 
-__all__ = ["PAPER_PROMPT", "RecaptionConfig", "recaption", "braceexpand", "expand_shards", "iter_tar_samples"]
+__all__ = ["PAPER_PROMPT", "RecaptionConfig", "recaption", "StreamError", "expand_shards", "iter_tar_samples",
+           "shard_name"]

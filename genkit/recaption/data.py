@@ -9,11 +9,14 @@ moves tensors to the device and calls ``generate``: the model is never starved b
 What a worker yields is a :class:`Chunk`: the output rows of up to ``batch_size`` samples (bad samples
 carry ``status="error"`` and a reason; they need no model), the collated model inputs of the good ones,
 and the shards whose last sample is in this chunk or an earlier one, so the main process can finalise
-them once the chunk is captioned.
+them once the chunk is captioned.  A shard whose stream fails (dropped connection, HTTP error, stall, failed
+command) is re-read from its start, skipping the samples already handed on (``retries`` times, with a
+doubling back-off); one that still fails is listed in ``Chunk.failed`` and the main process drops its rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from genkit.recaption.shards import RawSample, iter_tar_samples
+from genkit.recaption.shards import RawSample
 from genkit.recaption.text import caption_from_fields
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -206,11 +209,29 @@ def prepare_sample(raw: RawSample, encoder: PromptEncoder, checks: ImageChecks):
 
 @dataclass
 class ShardTask:
-    """One shard for this rank: its position in the rank's list, its path, and (retry) the keys to redo."""
+    """One shard for this rank: its position in the rank's list, its URL, and (retry) the keys to redo."""
 
     index: int
-    path: Path
+    url: str
     only_keys: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    """How a shard whose stream fails is retried (see :meth:`ShardStream._read_shard`)."""
+
+    retries: int = 3            # re-reads from the start after the first failure
+    backoff: float = 2.0        # seconds before the first retry, doubled each time
+    max_backoff: float = 60.0
+    stall_timeout: float = 120.0
+    spool_dir: str | None = None  # write_tar with a non-local shard: keep a local copy of the bytes read here
+
+
+def spool_path(folder, url: str) -> Path:
+    """Where a worker copies a non-local shard's bytes for ``write_tar`` (a temporary name: see ``_clean_tmp``)."""
+    from genkit.recaption.shards import shard_name
+
+    return Path(folder) / f".{shard_name(url)}.source.tmp"
 
 
 @dataclass
@@ -221,6 +242,8 @@ class Chunk:
     gen_rows: list[int] = field(default_factory=list)            # positions in rows that go to the model
     inputs: dict[str, torch.Tensor] | None = None
     finished: list[int] = field(default_factory=list)            # shard indices complete after this chunk
+    failed: list[int] = field(default_factory=list)              # shard indices given up after the retries
+    streams: dict[int, dict] = field(default_factory=dict)       # finished/failed shard -> attempts, errors
     seconds: float = 0.0                                         # worker time spent preparing this chunk
 
     def pin_memory(self):
@@ -234,43 +257,90 @@ class ShardStream(IterableDataset):
     """The rank's shards as a stream of :class:`Chunk` (use with ``DataLoader(batch_size=None)``)."""
 
     def __init__(self, tasks: list[ShardTask], encoder: PromptEncoder, checks: ImageChecks, *,
-                 batch_size: int, pad_id: int):
+                 batch_size: int, pad_id: int, policy: StreamPolicy = StreamPolicy()):
         self.tasks = tasks
         self.encoder = encoder
         self.checks = checks
         self.batch_size = batch_size
         self.pad_id = pad_id
+        self.policy = policy
         self.max_rows = max(4 * batch_size, 64)   # flush runs of bad samples too
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        chunk, items, t0 = Chunk(), [], time.perf_counter()
+        state = {"chunk": Chunk(), "items": [], "t0": time.perf_counter()}
 
         def take():
-            nonlocal chunk, items, t0
+            chunk, items = state["chunk"], state["items"]
             if items:
                 chunk.inputs = collate(items, self.pad_id)
-            chunk.seconds = time.perf_counter() - t0
-            out, chunk, items, t0 = chunk, Chunk(), [], time.perf_counter()
-            return out
+            chunk.seconds = time.perf_counter() - state["t0"]
+            state.update(chunk=Chunk(), items=[], t0=time.perf_counter())
+            return chunk
 
         for task in self.tasks[wid::nw]:
-            seen: dict[str, int] = {}
-            for raw in iter_tar_samples(task.path):
-                n = seen.get(raw.key, 0) + 1
-                seen[raw.key] = n
-                if n > 1:  # keys are unique in the output table: later duplicates are errors
-                    raw = RawSample(f"{raw.key}#{n}", raw.fields, f"duplicate key '{raw.key}' in shard")
-                if task.only_keys is not None and raw.key not in task.only_keys:
-                    continue
-                row, inputs = prepare_sample(raw, self.encoder, self.checks)
-                if inputs is not None:
-                    chunk.gen_rows.append(len(chunk.rows))
-                    items.append(inputs)
-                chunk.rows.append((task.index, row))
-                if len(items) >= self.batch_size or len(chunk.rows) >= self.max_rows:
-                    yield take()
-            chunk.finished.append(task.index)
-        if chunk.rows or chunk.finished:
+            yield from self._read_shard(task, state, take)
+        if state["chunk"].rows or state["chunk"].finished or state["chunk"].failed:
             yield take()
+
+    def _read_shard(self, task: ShardTask, state: dict, take):
+        """Add one shard's rows to the chunks, re-reading its stream from the start when it fails.
+
+        Exactly once across retries: the keys of the samples already handed on are remembered, and a
+        re-read skips that many samples (checking their keys: a shard whose content changed between
+        attempts is given up) before it hands on new ones.  Bytes are re-read, captions are not.
+        """
+        from genkit.recaption.shards import StreamError, iter_tar_samples, kind
+
+        pol = self.policy
+        done_keys: list[str] = []           # raw keys handed on (or filtered out), in shard order
+        errors: list[str] = []
+        spool = spool_path(pol.spool_dir, task.url) if pol.spool_dir and kind(task.url) != "local" else None
+        for attempt in range(pol.retries + 1):
+            if attempt:
+                time.sleep(min(pol.backoff * 2 ** (attempt - 1), pol.max_backoff))
+            seen: dict[str, int] = {}
+            pos, skip = 0, len(done_keys)
+            try:
+                with (open(spool, "wb") if spool else contextlib.nullcontext()) as tee:
+                    for raw in iter_tar_samples(task.url, stall_timeout=pol.stall_timeout, tee=tee):
+                        pos += 1
+                        if pos <= len(done_keys):
+                            if raw.key != done_keys[pos - 1]:
+                                errors.append(f"the shard changed between attempts (sample {pos} is "
+                                              f"'{raw.key}', was '{done_keys[pos - 1]}')")
+                                self._give_up(task, state, errors, attempt + 1, spool)
+                                return
+                            seen[raw.key] = seen.get(raw.key, 0) + 1
+                            continue
+                        done_keys.append(raw.key)
+                        n = seen.get(raw.key, 0) + 1
+                        seen[raw.key] = n
+                        if n > 1:  # keys are unique in the output table: later duplicates are errors
+                            raw = RawSample(f"{raw.key}#{n}", raw.fields, f"duplicate key '{raw.key}' in shard")
+                        if task.only_keys is not None and raw.key not in task.only_keys:
+                            continue
+                        row, inputs = prepare_sample(raw, self.encoder, self.checks)
+                        chunk = state["chunk"]
+                        if inputs is not None:
+                            chunk.gen_rows.append(len(chunk.rows))
+                            state["items"].append(inputs)
+                        chunk.rows.append((task.index, row))
+                        if len(state["items"]) >= self.batch_size or len(chunk.rows) >= self.max_rows:
+                            yield take()
+            except StreamError as e:
+                errors.append(str(e))
+                continue
+            state["chunk"].finished.append(task.index)
+            state["chunk"].streams[task.index] = {"attempts": attempt + 1, "errors": errors, "skipped": skip}
+            return
+        self._give_up(task, state, errors, pol.retries + 1, spool)
+
+    @staticmethod
+    def _give_up(task: ShardTask, state: dict, errors: list[str], attempts: int, spool: Path | None) -> None:
+        """The shard failed: the main process drops the rows it holds for it (no done marker is written)."""
+        state["chunk"].failed.append(task.index)
+        state["chunk"].streams[task.index] = {"attempts": attempts, "errors": errors}
+        if spool is not None:
+            spool.unlink(missing_ok=True)

@@ -17,7 +17,18 @@ Layout of ``--out`` (one set of files per input shard ``NAME.tar``, plus run fil
 - ``NAME.tar`` (``write_tar=true``): the input shard with ``KEY.re_caption.txt`` added to good samples.
 - ``NAME.done.json``, written **last**: counts, throughput, provenance (model folder and the sha256 of
   its config.json, prompt, generation parameters, dtype, seed, genkit and library versions).
-- ``config.yaml`` (before work), ``log.jsonl`` (one line per finished shard), ``metrics.json``.
+- ``NAME.failed.json``: a shard whose stream still failed after ``retries`` re-reads (connection dropped,
+  HTTP 404, stall, failed ``pipe:`` command) gets this record (URL, attempts, each error) and **no** done
+  marker, so a rerun of the same command tries it again; the run goes on with the other shards, and the
+  summary line and ``metrics.json`` (``shards_failed``, ``shards_failed_total``) count it.  It is removed
+  once the shard completes.
+- ``config.yaml`` (before work), ``log.jsonl`` (one line per finished or failed shard), ``metrics.json``.
+
+Shards are read through webdataset's openers (local paths, ``pipe:COMMAND``, ``http(s)://``) or fsspec
+(``s3://``, ``gs://``, ``hf://``), see :mod:`genkit.recaption.shards`; the output is always a local or
+mounted folder.  A shard whose stream fails is re-read from its start with a doubling back-off; the samples
+handed on before the failure are skipped on the re-read (their keys are checked), so none is captioned or
+written twice.
 
 Every file is written to a temporary name and renamed (:mod:`genkit.runtime.files`), and a shard counts
 as done only when its marker exists and its table has the marker's row count.  Hence *exactly once*:
@@ -26,9 +37,9 @@ redoes the others from scratch.  ``retry_failed`` re-captions only the rows whos
 (after a filter was relaxed, a transient failure, a fixed decoder) and merges them by key.
 
 Scale: under ``accelerate launch``/``torchrun`` rank ``r`` of ``N`` takes shards ``r, r + N, ...`` of
-the sorted list (deterministic, independent of what is already done, so every shard has exactly one
-owner); ranks never exchange captions, and the last rank to finish merges the per-rank metrics.
-Memory is flat in the number of shards: samples stream through DataLoader workers and only the rows of
+the expanded list (brace order; globs and folders sorted; deterministic, independent of what is already
+done, so every shard has exactly one owner); ranks never exchange captions, and the last rank to finish
+merges the per-rank metrics.  Memory is flat in the number of shards: samples stream through DataLoader workers and only the rows of
 the shards in flight are held.
 """
 
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -44,8 +56,16 @@ from typing import Literal
 
 from genkit.config import field
 from genkit.errors import ConfigError, RunError
-from genkit.recaption.data import COLUMNS, ImageChecks, PromptEncoder, ShardStream, ShardTask
-from genkit.recaption.shards import TarWriter, expand_shards, iter_tar_samples, shard_name
+from genkit.recaption.data import (
+    COLUMNS,
+    ImageChecks,
+    PromptEncoder,
+    ShardStream,
+    ShardTask,
+    StreamPolicy,
+    spool_path,
+)
+from genkit.recaption.shards import TarWriter, expand_shards, iter_tar_samples, kind, shard_name
 
 PAPER_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
 
@@ -76,6 +96,12 @@ class RecaptionConfig:
     max_image_pixels: int = field(64_000_000, help="images with more pixels are recorded as errors (before "
                                   "decoding)", min=1)
     max_aspect_ratio: float = field(40.0, help="images more elongated than this are recorded as errors", min=1.0)
+    retries: int = field(3, help="times a shard whose stream fails (connection dropped, HTTP error, stall, failed "
+                         "pipe command) is re-read from its start; samples already captioned are not redone", min=0)
+    retry_backoff: float = field(2.0, help="seconds before the first retry of a shard, doubled for each next one "
+                                 "(at most 60)", min=0.0)
+    stall_timeout: float = field(120.0, help="seconds an http(s):// or pipe: stream may go without delivering 64 KiB "
+                                 "before it is killed and retried (0 = wait forever)", min=0.0)
     write_tar: bool = field(False, help="also write NAME.tar: the input shard plus KEY.<tar_field> captions")
     tar_field: str = field("re_caption.txt", help="field (extension) of the new caption in the output tar")
 
@@ -95,7 +121,8 @@ class RecaptionConfig:
 
 # ----------------------------------------------------------------------------------------- outputs
 def output_paths(out: Path, name: str) -> dict[str, Path]:
-    return {"parquet": out / f"{name}.parquet", "tar": out / f"{name}.tar", "done": out / f"{name}.done.json"}
+    return {"parquet": out / f"{name}.parquet", "tar": out / f"{name}.tar", "done": out / f"{name}.done.json",
+            "failed": out / f"{name}.failed.json"}
 
 
 def _schema():
@@ -136,7 +163,8 @@ def _clean_tmp(out: Path, names: set[str]) -> None:
         n = entry.name
         if not (n.startswith(".") and n.endswith(".tmp")):
             continue
-        for marker in (".parquet.", ".done.json.", ".tar."):  # .NAME.parquet.XXXX.tmp etc.
+        # .NAME.parquet.XXXX.tmp etc., and .NAME.source.tmp (a remote shard's bytes kept for write_tar)
+        for marker in (".source.tmp", ".parquet.", ".done.json.", ".failed.json.", ".tar."):
             if marker in n and n[1: n.rindex(marker)] in names:
                 try:
                     os.unlink(entry.path)
@@ -159,14 +187,15 @@ def write_shard(out: Path, name: str, rows: list[dict], *, meta: dict) -> Path:
     return atomic_write_bytes(output_paths(out, name)["parquet"], buf.getvalue().to_pybytes())
 
 
-def write_tar_copy(src: Path, dst: Path, captions: dict[str, str], field_name: str) -> Path:
-    """Copy shard ``src`` to ``dst`` (atomically) adding ``KEY.<field_name>`` after each captioned sample."""
+def write_tar_copy(src: str | Path, dst: Path, captions: dict[str, str], field_name: str) -> Path:
+    """Copy the local shard ``src`` to ``dst`` (atomically) adding ``KEY.<field_name>`` after each captioned
+    sample (a remote shard's bytes were copied to a local spool file while it was read)."""
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             w = TarWriter(f)
             seen: dict[str, int] = {}
-            for raw in iter_tar_samples(src):
+            for raw in iter_tar_samples(str(src)):
                 if not raw.fields:
                     continue
                 n = seen[raw.key] = seen.get(raw.key, 0) + 1
@@ -217,35 +246,60 @@ class _Finisher:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recaption-writer")
         self.pending: list[Future] = []
 
-    def submit(self, task: ShardTask, state: _Open, t_end: float) -> None:
-        self.pending.append(self.pool.submit(self._finish, task, state, t_end))
+    def submit(self, task: ShardTask, state: _Open, t_end: float, stream: dict | None = None) -> None:
+        self.pending.append(self.pool.submit(self._finish, task, state, t_end, stream or {}))
         while len(self.pending) > 2:  # bound the rows held by a slow writer
             self.pending.pop(0).result()
 
-    def _finish(self, task: ShardTask, state: _Open, t_end: float) -> dict:
-        name = shard_name(task.path)
+    def fail(self, task: ShardTask, stream: dict) -> None:
+        """A shard given up after its retries: ``NAME.failed.json`` says why, no done marker (a rerun retries it)."""
+        self.pending.append(self.pool.submit(self._fail, task, stream))
+
+    def _fail(self, task: ShardTask, stream: dict) -> None:
+        from genkit.runtime import atomic_write_json
+
+        name = shard_name(task.url)
+        errors = stream.get("errors", [])
+        atomic_write_json(output_paths(self.out, name)["failed"], {
+            "shard": task.url, "attempts": stream.get("attempts", 0), "errors": errors, "rank": self.rank,
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        line = {"shard": name, "rank": self.rank, "status": "failed", "attempts": stream.get("attempts", 0),
+                "error": errors[-1] if errors else None}
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _finish(self, task: ShardTask, state: _Open, t_end: float, stream: dict) -> dict:
+        name = shard_name(task.url)
         paths = output_paths(self.out, name)
         rows = state.rows
         if task.only_keys is not None:
             rows = merge_rows(read_table(paths["parquet"]), rows)
         c = counts(rows)
         seconds = max(t_end - state.t0, 1e-9)
-        meta = {"shard": str(task.path), **self.provenance}
+        meta = {"shard": task.url, **self.provenance}
         write_shard(self.out, name, rows, meta=meta)
         outputs = {"parquet": paths["parquet"].name}
         if self.cfg.write_tar:
             caps = {r["key"]: r["re_caption"] for r in rows if r["status"] == "ok" and r["re_caption"] is not None}
-            write_tar_copy(task.path, paths["tar"], caps, self.cfg.tar_field)
+            local = kind(task.url) == "local"
+            src = task.url if local else spool_path(self.out, task.url)
+            write_tar_copy(src, paths["tar"], caps, self.cfg.tar_field)
+            if not local:
+                Path(src).unlink(missing_ok=True)
             outputs["tar"] = paths["tar"].name
         done_now = len(state.rows)
         ok_now = sum(r["status"] == "ok" for r in state.rows)
         done = {
-            "shard": str(task.path),
+            "shard": task.url,
             "outputs": outputs,
             "counts": c,
             "this_run": {"samples": done_now, "ok": ok_now, "retry_failed": task.only_keys is not None,
                          "seconds": round(seconds, 3), "images_per_second": ok_now / seconds,
                          "generated_tokens": state.tokens, "tokens_per_second": state.tokens / seconds},
+            # attempts, the error of each failed one, and how many samples (handed on before the last
+            # failure) the successful re-read skipped
+            "stream": {"attempts": stream.get("attempts", 1), "errors": stream.get("errors", []),
+                       "skipped": stream.get("skipped", 0)},
             "rank": self.rank, "world_size": self.world,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "settings": self.settings,
@@ -254,7 +308,8 @@ class _Finisher:
         from genkit.runtime import atomic_write_json
 
         atomic_write_json(paths["done"], done)  # last: the shard now counts as done
-        line = {"shard": name, "rank": self.rank, **c, "seconds": round(seconds, 3),
+        paths["failed"].unlink(missing_ok=True)  # an earlier run's failure record is obsolete
+        line = {"shard": name, "rank": self.rank, "status": "done", **c, "seconds": round(seconds, 3),
                 "images_per_second": round(ok_now / seconds, 3), "generated_tokens": state.tokens}
         with open(self.out / "log.jsonl", "a") as f:  # O_APPEND: whole lines from concurrent ranks
             f.write(json.dumps(line) + "\n")
@@ -268,7 +323,7 @@ class _Finisher:
             self.pool.shutdown(wait=True)
 
 
-def plan(shards: list[Path], out: Path, rank: int, world: int, *, retry_failed: bool, settings: dict
+def plan(shards: list[str], out: Path, rank: int, world: int, *, retry_failed: bool, settings: dict
          ) -> tuple[list[ShardTask], int]:
     """This rank's shards still to do (rank-strided over the sorted list) and how many were skipped."""
     tasks, skipped = [], 0
@@ -305,6 +360,8 @@ def recaption(cfg: RecaptionConfig, shards_spec: str, model: str | os.PathLike, 
     from genkit.recaption.model import generate_captions, generation_config, load_vlm
     from genkit.runtime import Progress, process_info
 
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", str(out)) or str(out).startswith("pipe:"):
+        raise ConfigError(f"--out '{out}': the output must be a local or mounted folder (shards may be remote)")
     out = Path(out)
     shards = expand_shards(shards_spec)
     pi = process_info(cpu=cfg.cpu)
@@ -335,13 +392,17 @@ def recaption(cfg: RecaptionConfig, shards_spec: str, model: str | os.PathLike, 
         _write_config(out / "config.yaml", cfg, shards_spec, model, retry_failed)
     tasks, skipped = plan(shards, out, pi.rank, pi.world_size, retry_failed=retry_failed, settings=settings)
 
-    stream = ShardStream(tasks, encoder, cfg.image_checks(), batch_size=cfg.batch_size, pad_id=vlm.pad_id)
+    policy = StreamPolicy(retries=cfg.retries, backoff=cfg.retry_backoff, stall_timeout=cfg.stall_timeout,
+                          spool_dir=str(out) if cfg.write_tar else None)
+    stream = ShardStream(tasks, encoder, cfg.image_checks(), batch_size=cfg.batch_size, pad_id=vlm.pad_id,
+                         policy=policy)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                         prefetch_factor=cfg.prefetch if cfg.num_workers else None,
                         pin_memory=pi.device.type == "cuda")
     finisher = _Finisher(out, cfg, provenance, settings, pi.rank, pi.world_size)
     open_: dict[int, _Open] = {}
     n_ok = n_err = n_tok = 0
+    n_failed = n_retried = n_retries = 0
     t0 = time.perf_counter()
     model_s = 0.0
     desc = f"recaption {pi.rank}/{pi.world_size}" if pi.world_size > 1 else "recaption"
@@ -373,9 +434,21 @@ def recaption(cfg: RecaptionConfig, shards_spec: str, model: str | os.PathLike, 
                         n_err += 1
                 for s in chunk.finished:
                     state = open_.pop(s, None) or _Open([], time.perf_counter())
-                    finisher.submit(tasks[s], state, time.perf_counter())
+                    info = chunk.streams.get(s, {})
+                    n_retried += info.get("attempts", 1) > 1
+                    n_retries += info.get("attempts", 1) - 1
+                    finisher.submit(tasks[s], state, time.perf_counter(), info)
+                for s in chunk.failed:  # given up after the retries: its rows are dropped, no done marker
+                    state = open_.pop(s, None) or _Open([], time.perf_counter())
+                    ok = sum(r["status"] == "ok" for r in state.rows)
+                    n_ok, n_err, n_tok = n_ok - ok, n_err - (len(state.rows) - ok), n_tok - state.tokens
+                    info = chunk.streams.get(s, {})
+                    n_failed += 1
+                    n_retries += max(info.get("attempts", 1) - 1, 0)
+                    finisher.fail(tasks[s], info)
                 wall = time.perf_counter() - t0
-                bar.update(len(chunk.finished), img_s=n_ok / wall, tok_s=n_tok / wall, failed=n_err)
+                bar.update(len(chunk.finished) + len(chunk.failed), img_s=n_ok / wall, tok_s=n_tok / wall,
+                           failed=n_err)
         finisher.close()
     except KeyboardInterrupt:
         raise RunError("interrupted: finished shards are kept; rerun the same command to continue") from None
@@ -384,7 +457,8 @@ def recaption(cfg: RecaptionConfig, shards_spec: str, model: str | os.PathLike, 
     wall = time.perf_counter() - t0
     rank_metrics = {
         "rank": pi.rank, "shards_assigned": len(tasks) + skipped, "shards_skipped": skipped,
-        "shards_done": len(tasks), "samples_ok": n_ok, "samples_failed": n_err, "generated_tokens": n_tok,
+        "shards_done": len(tasks) - n_failed, "shards_failed": n_failed, "shards_retried": n_retried,
+        "stream_retries": n_retries, "samples_ok": n_ok, "samples_failed": n_err, "generated_tokens": n_tok,
         "wall_seconds": round(wall, 3), "model_seconds": round(model_s, 3),
         "images_per_second": n_ok / wall if wall else 0.0, "generated_tokens_per_second": n_tok / wall if wall else 0.0,
     }
@@ -442,7 +516,7 @@ def _write_config(path: Path, cfg: RecaptionConfig, shards_spec: str, model, ret
     atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
 
 
-def _write_metrics(out: Path, shards: list[Path], rank: int, world: int, mine: dict, seed: int) -> dict:
+def _write_metrics(out: Path, shards: list[str], rank: int, world: int, mine: dict, seed: int) -> dict:
     """Per-rank figures; the last rank to finish (it sees every rank's file) writes the merged metrics.json.
 
     Every rank writes its own file before listing the others', so whichever finishes last sees them all:
@@ -461,17 +535,21 @@ def _write_metrics(out: Path, shards: list[Path], rank: int, world: int, mine: d
             return mine
     else:
         per_rank = [mine]
-    summed = {k: sum(m[k] for m in per_rank) for k in ("shards_done", "shards_skipped", "samples_ok",
+    summed = {k: sum(m[k] for m in per_rank) for k in ("shards_done", "shards_skipped", "shards_failed",
+                                                         "shards_retried", "stream_retries", "samples_ok",
                                                          "samples_failed", "generated_tokens")}
     wall = max(m["wall_seconds"] for m in per_rank)
     busy = sum(m["model_seconds"] for m in per_rank) / max(sum(m["wall_seconds"] for m in per_rank), 1e-9)
-    totals = {"shards_total": len(shards), "shards_complete": 0, "samples_ok_total": 0, "samples_failed_total": 0}
+    totals = {"shards_total": len(shards), "shards_complete": 0, "shards_failed_total": 0, "samples_ok_total": 0,
+              "samples_failed_total": 0}
     for p in shards:
         done = read_done(out, shard_name(p))
         if done is not None:
             totals["shards_complete"] += 1
             totals["samples_ok_total"] += done["counts"]["ok"]
             totals["samples_failed_total"] += done["counts"]["error"]
+        elif output_paths(out, shard_name(p))["failed"].exists():
+            totals["shards_failed_total"] += 1  # given up after its retries (NAME.failed.json says why)
     metrics = {**summed, "wall_seconds": wall,
                "images_per_second": summed["samples_ok"] / wall if wall else 0.0,
                "generated_tokens_per_second": summed["generated_tokens"] / wall if wall else 0.0,

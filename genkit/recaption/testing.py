@@ -169,3 +169,97 @@ def make_shards(folder: str | Path, n_shards: int, per_shard: int, *, prefix: st
             samples.append(make_sample(f"{s:06d}{j:04d}", arr, f"a picture ({name})", fmt))
         paths.append(write_tar(Path(folder) / f"{prefix}-{s:06d}.tar", samples))
     return paths
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+class ShardServer:
+    """A real threaded HTTP/1.1 server on 127.0.0.1 serving the files of ``folder`` with plain GET (no
+    Range support), with per-file faults for tests and benchmarks::
+
+        with ShardServer(folder, drop_after={"part-000001.tar": 5000}, missing={"part-000002.tar"}) as srv:
+            srv.url("part-{000000..000002}.tar")   # 'http://127.0.0.1:PORT/part-{000000..000002}.tar'
+
+    - ``drop_after[name] = N``: the first request for ``name`` sends the full ``Content-Length``, then only
+      ``N`` bytes, then closes the connection; later requests get the whole file.
+    - ``missing``: names answered with 404 Not Found (even if the file exists).
+    - ``stall[name] = N``: the first request sends ``N`` bytes, then goes silent until the server stops
+      (bounded: the handler waits on the server's stop event).
+    - ``after_first[name] = other``: from the second request on, ``name`` serves the file ``other`` (a shard
+      whose content changes between a failed read and its retry).
+    ``requests[name]`` counts the GETs per file.  Only the loopback address is used.
+    """
+
+    def __init__(self, folder: str | Path, *, drop_after: dict[str, int] | None = None,
+                 missing: set[str] | frozenset[str] = frozenset(), stall: dict[str, int] | None = None,
+                 after_first: dict[str, str] | None = None):
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.folder = Path(folder)
+        self.drop_after, self.missing, self.stall = dict(drop_after or {}), set(missing), dict(stall or {})
+        self.after_first = dict(after_first or {})
+        self.requests: Counter = Counter()
+        self._stop = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/").split("?")[0]
+                server.requests[name] += 1
+                first = server.requests[name] == 1
+                path = server.folder / (name if first else server.after_first.get(name, name))
+                if name in server.missing or not path.is_file() or "/" in name:
+                    body = b"not found"
+                    self.send_response(404)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-tar")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                cut = server.drop_after.get(name) if first else None
+                hold = server.stall.get(name) if first else None
+                limit = cut if cut is not None else hold if hold is not None else len(data)
+                for i in range(0, limit, 1 << 16):
+                    self.wfile.write(data[i: min(i + (1 << 16), limit)])
+                self.wfile.flush()
+                if hold is not None:
+                    server._stop.wait(60)  # silent until the server stops (or a minute at most)
+                if cut is not None or hold is not None:
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # drop the connection mid-body
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client that hung up (curl after a fault)
+                import sys
+
+                if not isinstance(sys.exc_info()[1], OSError):
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    def url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+    def __enter__(self) -> "ShardServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=10)

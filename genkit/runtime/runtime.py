@@ -35,11 +35,22 @@ class RuntimeConfig:
     log_every: int = field(50, help="write a log.jsonl line every N steps", min=1)
     resume: str = field("auto", help="'auto' = continue from the newest complete checkpoint in --out, "
                         "'never' = start fresh (refuses a folder with checkpoints), or a checkpoint folder")
+    log_with: str = field("none", help="experiment trackers fed with log.jsonl's scalars, the config and the final "
+                          "samples.png, through Accelerate: none, tensorboard, wandb, mlflow, trackio, all (every "
+                          "installed one) or a comma list; offline by default (TensorBoard under RUN/tracking/, W&B "
+                          "offline unless WANDB_MODE is set); pip install 'genkit[tracking]'")
+    tracker_project: str = field("genkit", help="tracker project name (W&B / trackio project, MLflow experiment, "
+                                 "TensorBoard folder RUN/tracking/<name>)")
 
     def validate(self) -> list[str]:
+        from genkit.runtime import tracking
+
+        problems = tracking.problems(self.log_with)
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
-            return [f"runtime.resume: '{self.resume}' is not 'auto', 'never' or an existing checkpoint folder"]
-        return []
+            problems.append(f"runtime.resume: '{self.resume}' is not 'auto', 'never' or an existing checkpoint folder")
+        if not self.tracker_project.strip() or "/" in self.tracker_project:
+            problems.append("runtime.tracker_project: must be a non-empty name without '/'")
+        return problems
 
 
 def software_versions() -> dict:
@@ -67,21 +78,30 @@ class Runtime:
         model, opt = rt.prepare(model, opt)
         start = rt.resume(model_for_weights, opt, ema)   # 0 when fresh
         for step in range(start, total): ... rt.backward(loss) ... rt.log(step, loss=...)
-        rt.finish(metrics)
+        rt.write_metrics(metrics)                # last: also closes the trackers (runtime.log_with)
+
+    Trackers (:mod:`genkit.runtime.tracking`) need nothing from the loop: ``write_config`` starts them with
+    the config as hyper-parameters, ``log`` mirrors each log.jsonl line's numbers, ``write_metrics`` sends the
+    final figures and ``metrics["samples_png"]`` (the final grid) and ends them.
     """
 
     def __init__(self, cfg: RuntimeConfig, out: str | os.PathLike, *, quiet: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from genkit.runtime import tracking
+
         self.cfg = cfg
+        tracking.check(cfg.log_with)  # a recipe built in code skips load-time validation
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         mp = cfg.mixed_precision
         # cpu=True also on GPU-less machines: Accelerate then runs several processes (torchrun /
         # `accelerate launch --multi_gpu`) as MULTI_CPU over gloo instead of silently as one
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu or not torch.cuda.is_available())
         self.out = Path(out)
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu or not torch.cuda.is_available(),
+                                       **tracking.accelerator_kwargs(cfg.log_with, self.out))
+        self.trackers = tracking.Trackers(self.accelerator, cfg.log_with, self.out, cfg.tracker_project)
         self.quiet = quiet
         set_seed(cfg.seed + self.rank)
         if self.is_main:
@@ -158,9 +178,20 @@ class Runtime:
 
     # ------------------------------------------------------------------ run folder
     def write_config(self, cfg) -> None:
-        """Write the fully resolved config to ``config.yaml`` (before the first step)."""
+        """Write the fully resolved config to ``config.yaml`` (before the first step) and start the trackers."""
         if self.is_main:
             dump(cfg, self.out / "config.yaml")
+            if self.trackers.enabled:
+                import yaml
+
+                self.trackers.start(yaml.safe_load((self.out / "config.yaml").read_text()),
+                                    resuming=self._will_resume())
+
+    def _will_resume(self) -> bool:
+        """Whether ``resume`` will load a checkpoint (the trackers then continue the same run)."""
+        if self.cfg.resume == "never":
+            return False
+        return self.cfg.resume != "auto" or self.checkpoints.latest() is not None
 
     def log(self, step: int, **values) -> None:
         if not self.is_main:
@@ -169,14 +200,20 @@ class Runtime:
         rec.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in values.items()})
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        self.trackers.log(step, rec)
 
     def write_metrics(self, metrics: dict, name: str = "metrics.json") -> Path:
-        """Flat final figures plus the seed and the software versions, written atomically."""
+        """Flat final figures plus the seed and the software versions, written atomically.
+
+        ``metrics.json`` is the run's last word: its numbers (as ``final/<key>``) and the grid named by
+        ``metrics["samples_png"]`` go to the trackers, which are then closed."""
         path = self.out / name
         if self.is_main:
             out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
             out.update({"seed": self.cfg.seed, "world_size": self.world_size, "versions": software_versions()})
             atomic_write_json(path, out)
+            if name == "metrics.json":
+                self.trackers.finish(metrics, metrics.get("samples_png"))
         return path
 
     def progress(self, total: int, *, initial: int = 0, description: str = "train") -> Progress:

@@ -11,21 +11,23 @@ from __future__ import annotations
 from genkit.errors import ConfigError
 from genkit.samplers.dpm_solver import sample_dpmpp_2m
 from genkit.samplers.edm import sample_euler, sample_heun
-from genkit.samplers.schedules import SCHEDULES, get_sigmas_exponential, get_sigmas_karras
+from genkit.samplers.schedules import SCHEDULES, get_sigmas_exponential, get_sigmas_karras, get_sigmas_uniform_t
 from genkit.samplers.tada import sample_tada
+from genkit.samplers.unipc import sample_unipc
 
 SAMPLERS = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dpmpp-2m": sample_dpmpp_2m,
+    "unipc": sample_unipc,
     "tada": sample_tada,
 }
 
 # Smallest NFE at which each sampler takes at least one update of its own higher order (the step to
 # sigma = 0 is always first order): Heun one 2-evaluation step plus the final Euler step (2N - 1 >= 3),
-# DPM-Solver++(2M) one multistep update after its first-order start (3), TADA one Adams-Bashforth update
-# with history (3; its 3rd-order update needs 4).
-MIN_NFE = {"euler": 1, "heun": 3, "dpmpp-2m": 3, "tada": 3}
+# DPM-Solver++(2M) and UniPC one multistep update after their first-order start (3), TADA one
+# Adams-Bashforth update with history (3; its 3rd-order update needs 4).
+MIN_NFE = {"euler": 1, "heun": 3, "dpmpp-2m": 3, "unipc": 3, "tada": 3}
 
 
 def get_sampler(name: str):
@@ -61,9 +63,11 @@ def sigmas_for_nfe(name: str, nfe: int, sigma_min: float = 0.002, sigma_max: flo
     n = steps_for_nfe(name, nfe)
     if schedule == "karras":
         return get_sigmas_karras(n, sigma_min, sigma_max, rho)
+    if schedule == "uniform-t":
+        return get_sigmas_uniform_t(n, sigma_min, sigma_max)
     return get_sigmas_exponential(n, sigma_min, sigma_max)
 
 
 __all__ = ["SAMPLERS", "MIN_NFE", "get_sampler", "steps_for_nfe", "expected_nfe", "sigmas_for_nfe",
-           "get_sigmas_karras", "get_sigmas_exponential", "sample_euler", "sample_heun", "sample_dpmpp_2m",
-           "sample_tada"]
+           "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_uniform_t", "sample_euler", "sample_heun",
+           "sample_dpmpp_2m", "sample_unipc", "sample_tada"]

@@ -29,17 +29,28 @@ class DiffusionSampleConfig:
     sigma_min: float = field(0.0, help="smallest sigma of the schedule (0 = the model's, else 0.002)", min=0.0)
     sigma_max: float = field(0.0, help="largest sigma (0 = the model's, else 80)", min=0.0)
     rho: float = field(7.0, help="Karras schedule exponent", min=1.0)
-    schedule: Literal["karras", "exponential"] = field("karras", help="sigma schedule")
-    order: int = field(2, help="TADA: momentum order N (>= 2; 1 = plain VE)", min=1)
-    k: float = field(1.0, help="TADA: detail knob, scale of the initial momentum covariance", min=0.0)
+    schedule: Literal["karras", "exponential", "uniform-t"] = field(
+        "karras", help="sigma schedule: Karras rho, log-uniform, or uniform in t of TADA's N=2 system")
+    order: int = field(2, help="TADA: order N of the chain of integrators (2 = position + velocity, the "
+                       "paper's default; 1 = flow matching, which is DDIM)", min=1, max=6)
+    k: float = field(1.0, help="TADA: detail knob, initial variance of the last augmented variable (> 0)")
+    ab_order: int = field(3, help="TADA: Adams-Bashforth order p on the force (1-3; the paper uses 3 for EDM, "
+                          "2 for SD3)", min=1, max=3)
+    grid: Literal["sigmas", "uniform"] = field("sigmas", help="TADA time grid: 'sigmas' = t where the "
+                                               "effective noise equals each sigma of the schedule (the noise "
+                                               "levels every sampler uses), 'uniform' = uniform in t")
+    unipc_order: int = field(2, help="UniPC: predictor order (1-3; diffusers' default 2)", min=1, max=3)
     s_churn: float = field(0.0, help="Euler/Heun: EDM stochasticity S_churn (0 = deterministic)", min=0.0)
     seed: int = field(0, help="noise seed")
     batch_size: int = field(500, help="samples per sampler call", min=1)
 
     def validate(self) -> list[str]:
+        problems = []
         if self.sampler not in SAMPLERS:
-            return [f"sampler: unknown sampler '{self.sampler}'; valid samplers: {', '.join(SAMPLERS)}"]
-        return []
+            problems.append(f"sampler: unknown sampler '{self.sampler}'; valid samplers: {', '.join(SAMPLERS)}")
+        if not self.k > 0:
+            problems.append(f"k: must be > 0 (got {self.k}); it is the initial variance of TADA's last variable")
+        return problems
 
 
 def denoiser_shape(denoiser) -> tuple[int, ...]:
@@ -58,7 +69,10 @@ def denoiser_shape(denoiser) -> tuple[int, ...]:
 
 def knobs_for(cfg: DiffusionSampleConfig, generator: torch.Generator) -> dict:
     if cfg.sampler == "tada":
-        return {"order": cfg.order, "k": cfg.k, "generator": generator}
+        return {"order": cfg.order, "k": cfg.k, "solver_order": cfg.ab_order, "grid": cfg.grid,
+                "generator": generator}
+    if cfg.sampler == "unipc":
+        return {"order": cfg.unipc_order}
     if cfg.sampler in ("euler", "heun") and cfg.s_churn > 0:
         return {"s_churn": cfg.s_churn, "generator": generator}
     return {}

@@ -28,4 +28,14 @@ def get_sigmas_exponential(n: int, sigma_min: float = 0.002, sigma_max: float = 
     return append_zero(sigmas).to(device)
 
 
-SCHEDULES = {"karras": get_sigmas_karras, "exponential": get_sigmas_exponential}
+def get_sigmas_uniform_t(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, order: int = 2,
+                         k: float = 1.0, device="cpu") -> torch.Tensor:
+    """n sigmas at times uniform in t of TADA's augmented system (arXiv 2506.21757; order N, detail knob k,
+    default the paper's N = 2, k = 1) between t(sigma_max) and t(sigma_min), sigma = gamma(t)^(-1/2), then 0:
+    the noise levels TADA's ``grid="uniform"`` queries, for any sampler (``genkit.samplers.tada``, (T6))."""
+    from genkit.samplers.tada import sigmas_uniform_t
+
+    return sigmas_uniform_t(get_sigmas_karras(n, sigma_min, sigma_max), order, k).to(device)
+
+
+SCHEDULES = {"karras": get_sigmas_karras, "exponential": get_sigmas_exponential, "uniform-t": get_sigmas_uniform_t}

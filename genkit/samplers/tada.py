@@ -1,55 +1,52 @@
 """TADA: "Improved Diffusion Sampling with Training-free Augmented DynAmics", Chen, Zheng, Berthelot, Gu,
-Susskind, Zhai 2025 (arXiv 2506.21757) -- a genkit reconstruction.
+Susskind, Zhai 2025 (arXiv 2506.21757).
 
-Provenance. The official code (apple/ml-tada) was not available to us and the paper's body (Sec. 3, the
-appendix dynamics, Algorithm 1) could not be retrieved; only the abstract, figure captions and third-party
-descriptions could. From those we know: sampling runs in an augmented state of N variables per data
-dimension (position + momenta, "higher-dimensional initial noise"); Prop. 3.1 states that for a Gaussian
-augmented state ``m | x0 ~ N(mu_t x0, Sigma_t)`` the posterior mean is the pretrained denoiser evaluated at a
-re-weighted projection ``r_t = mu^T Sigma^-1 m / (mu^T Sigma^-1 mu)`` and an effective noise level
-``sigma_eff^2 = 1 / (mu^T Sigma^-1 mu)``; the solver is an exponential integrator with a 3rd-order
-Adams-Bashforth treatment of the network term; a hyper-parameter on the initial covariance controls detail.
-Everything below is derived from these facts, not transcribed; equation tags (G1)... are ours.
+Provenance. The equations below are the paper's method as read from its v2 text (Sec. 2.2-3.3, Algorithm 1,
+App. C, F.2, F.5, H; a text conversion whose display equations are lost) and written down in genkit issue 14;
+the official code (apple/ml-tada) was not available to us. Every closed form here is checked in
+``tests/samplers/test_tada.py`` against a numerical integration of the ODE it solves. Equation tags (T1)...
+are ours. Time runs from the prior at t = 0 to the data at t = 1.
 
-Model (per data dimension; all data dimensions are independent copies).
+(T1) Augmented state (Sec. 3.1): per data dimension an N-th order chain of integrators
+         x = (x^(0), ..., x^(N-1)),   d/dt x^(j) = x^(j+1) (j < N-1),   d/dt x^(N-1) = F,
+     i.e. dx/dt = A x + e_{N-1} F with A the shift matrix. N = 2 is the paper's default; N = 1 is flow matching.
+(T2) Force (App. F.2): the constant input that carries the position to the data point x1 at t = 1,
+         F(x, t) = N! / (1-t)^N * (x1 - sum_{q<N} x^(q) (1-t)^q / q!),
+     (N = 1: the flow-matching velocity (x1 - x)/(1-t)). Under this force F stays constant along the path.
+(T3) Prior: x_0 ~ N(0, Sigma_0), Sigma_0 = diag(1, ..., 1, k), k > 0 (the detail knob of Fig. 3; it changes
+     only the initial variance of the last variable).
+(T4) Closed loop given x1 (App. H): x_t = Phi(t, s) x_s + m(t, s) x1 with
+         Phi(t,s)_{jq} = [q >= j] (t-s)^(q-j)/(q-j)!  -  N! (t-s)^(N-j) (1-s)^(q-N) / ((N-j)! q!),
+         m(t,s)_j      = N! (t-s)^(N-j) / ((N-j)! (1-s)^N),
+     so x_t | x1 ~ N(mu_t x1, Sigma_t), mu_t = m(t, 0), Sigma_t = Phi(t,0) Sigma_0 Phi(t,0)^T (no diffusion
+     term). N = 1: mu_t = t, Sigma_t = k (1-t)^2.
+(T5) Prop. 3.1: gamma_t = mu_t^T Sigma_t^-1 mu_t is the effective SNR and y_t = r_t^T x_t with
+     r_t = Sigma_t^-1 mu_t / gamma_t is distributed as x1 + gamma_t^(-1/2) eps, so E[x1 | x_t] = D(y_t,
+     sigma = gamma_t^(-1/2)) with the pretrained EDM denoiser. Sigma_t is ill-conditioned near t = 1 (gamma
+     grows like (1-t)^(-2N)), so both are computed through the initial variables, where the covariance is the
+     diagonal Sigma_0: u = Phi(0,t) x_t = z x1 + x_0 with z = Phi(0,t) mu_t = -m(0,t), hence
+         gamma_t = sum_j z_j^2 / Sigma_0,jj,    r_t = Phi(0,t)^T Sigma_0^-1 z / gamma_t.
+     Sigma_t is never inverted.
+(T6) Time grid: for the sigma schedule every other sampler gets, t_i solves gamma(t_i) = sigma_i^-2 (bisection
+     on (0, 1); gamma is increasing), so all samplers query the denoiser at the same noise levels.
+     ``grid="uniform"`` instead spaces t uniformly between the ends of the schedule (the denoiser is then
+     queried at sigma = gamma(t_i)^(-1/2); :func:`sigmas_uniform_t` gives those sigmas to other samplers).
+(T7) Initial state ("higher-dimensional initial noise"): every genkit sampler receives the VE noise x at
+     sigma_0. TADA sets x_{t0} = mu_{t0} x + L xi, L L^T = Sigma_{t0} - mu mu^T / gamma (rank N-1),
+     xi ~ N(0, I_{N-1}): an exact draw of x_{t0} whenever x is an exact draw at sigma_0, with r^T x_{t0} = x.
+     Through the initial variables L = Phi(t0,0) Sigma_0^(1/2) Q with Q an orthonormal basis of the
+     complement of Sigma_0^(-1/2) z.
+(T8) Solver (Sec. 3.2, Algorithm 1; Table 2: expansion term F_theta, discretisation variable t): one denoiser
+     call per step, h = t_{i+1} - t_i,
+         y_i = r_{t_i}^T x_i,  D_i = D(y_i, sigma_i),  F_i = N!/(1-t_i)^N (D_i - sum_q x_i^(q) (1-t_i)^q/q!),
+         x_{i+1} = e^{Ah} x_i + sum_l w_l F_{i-l},  (e^{Ah})_{jq} = h^(q-j)/(q-j)! (q >= j),
+         w_{l,j} = int_{t_i}^{t_{i+1}} (t_{i+1}-tau)^(N-1-j)/(N-1-j)! ell_l(tau) dtau,
+     the exact open-loop transition plus Adams-Bashforth of order p on F, ell_l the Lagrange basis in t
+     through the last min(p, i+1) nodes; the weights are integrated exactly by Gauss-Legendre.
+(T9) Output (Algorithm 1, line 10): D at the last positive sigma. NFE = number of positive sigmas. A schedule
+     that ends above 0 returns y (distributed like x1 + sigma_last eps, as a VE sampler's x).
 
-(G1) Forward "momentum diffusion": a chain of N integrators driven by white noise at the last variable,
-         dm = A m dt + g e_{N-1} dW,   A_{i,i+1} = 1   (x' = v_1, v_1' = v_2, ..., v_{N-1}' = g xi)
-     started at m_0 = (x0, v), v ~ N(0, k S0): the detail knob k scales the initial momentum covariance,
-     S0 = diag(Q_11(1), ..., Q_{N-1,N-1}(1)) (the momentum variance the noise itself builds by t = 1).
-(G2) Closed-form moments: since A e_0 = 0 the mean is mu_t = e_0 x0 for all t (VE: no drift on data), and
-         Sigma_t = e^{At} Sigma_0 e^{A^T t} + Q(t),  (e^{At})_{ij} = t^(j-i)/(j-i)!,
-         Q_ij(t) = g^2 t^(p_i+p_j+1) / (p_i! p_j! (p_i+p_j+1)),  p_i = N-1-i,
-     the solution of dSigma/dt = A Sigma + Sigma A^T + g^2 e e^T (checked against an ODE solver in tests).
-(G3) Prop. 3.1 (exact for any data distribution: r is a sufficient statistic of m for x0 and
-     r | x0 ~ N(x0, sigma_eff^2)):   E[x0 | m_t] = D(r_t, sigma_eff(t)),
-         sigma_eff(t)^2 = 1 / (e_0^T Sigma_t^-1 e_0),   r_t = sigma_eff^2 e_0^T Sigma_t^-1 m_t.
-     g is set so that sigma_eff(1) = sigma_data at k = 0; the sampler's ``sigmas`` are values of sigma_eff
-     (t(sigma) is found by bisection, sigma_eff being increasing in t), so TADA and the other samplers
-     query the denoiser at the same noise levels.
-(G4) Probability-flow ODE of (G1) with the score of the Gaussian-convolved law,
-     grad log p_t(m) = -Sigma_t^-1 (m - e_0 D(r_t, sigma_eff)):
-         dm/dt = B_t m + b_t D_t,   B_t = A + g^2/2 e e^T Sigma_t^-1,   b_t = -g^2/2 e e^T Sigma_t^-1 e_0.
-     b_t D_t is the "force" on the last momentum variable.
-(G5) Exponential integrator: with Psi(t, s) the transition matrix of B (computed per step to ~1e-7 by RK4
-     on the N x N system in log t; no network calls),
-         m_{i+1} = Psi(t_{i+1}, t_i) m_i + sum_j W_ij D_{i-j},
-         W_ij    = int_{t_i}^{t_{i+1}} Psi(t_{i+1}, u) b_u l_j(u) du,
-     where l_j are the Lagrange polynomials through the last 3 evaluations (Adams-Bashforth 3; orders 1, 2
-     while the history fills up), in the system time t by default as in DEIS's tAB-DEIS (Zhang & Chen
-     2022, arXiv 2204.13902) -- the paper's choice of variable is unknown to us. Measured on the genkit
-     mixtures, extrapolating in lambda = -log sigma_eff over the large early steps of a 5-10 NFE schedule
-     overshoots badly (``ab_variable="lambda"`` keeps that option). With N = 1 (plain VE) the scheme is DDIM
-     at order 1 and a DEIS-style exponential multistep solver at orders 2-3.
-(G6) Initial state: given the usual VE noise x at sigma_0 (x = x0 + sigma_0 eps), set
-         m = e_0 x + L xi,  L L^T = Sigma_{t0} - sigma_0^2 e_0 e_0^T  (rank N-1),  xi ~ N(0, I),
-     which is an exact sample of m_{t0} whenever x is an exact sample of x_{sigma_0}, and has r = x. The
-     N-1 extra noise channels are the "higher-dimensional initial noise"; they are not determined by x, which
-     gives the sampler its SDE-like character.
-(G7) Output: at the step to sigma = 0 the first-order limit is returned, x0 = D(r, sigma_last) (as
-     DPM-Solver++ does); a schedule ending above 0 returns r, which is distributed like x_sigma (VE).
-
-NFE = number of positive sigmas (one denoiser call per step), as for Euler and DPM-Solver++(2M).
+N = 1 with p = 1 is DDIM (= first-order DPM-Solver++) on the same noise.
 """
 
 from __future__ import annotations
@@ -59,192 +56,215 @@ import math
 import numpy as np
 import torch
 
-from genkit.models.denoisers import SIGMA_DATA
+from genkit.errors import ConfigError
+
+GRIDS = ("sigmas", "uniform")
 
 
-class MomentumSystem:
-    """The linear system (G1)-(G3): closed-form Sigma_t, sigma_eff(t), t(sigma_eff), and the per-step
-    exponential-integrator coefficients (G5). All float64 numpy; ``order`` = N (1 = plain VE diffusion)."""
+def _fact(n: int) -> float:
+    return float(math.factorial(n))
 
-    def __init__(self, order: int = 2, k: float = 1.0, sigma_data: float = SIGMA_DATA):
-        if order < 1:
-            raise ValueError("TADA order N must be >= 1")
-        if k < 0:
-            raise ValueError("TADA detail knob k must be >= 0")
+
+class AugmentedDynamics:
+    """The linear system (T1)-(T7) of order N with detail knob k: closed forms in float64 numpy, vectorised
+    over arrays of times."""
+
+    def __init__(self, order: int = 2, k: float = 1.0):
+        if not isinstance(order, (int, np.integer)) or order < 1:
+            raise ConfigError(f"TADA order N must be an integer >= 1 (got {order!r})")
+        if not k > 0:
+            raise ConfigError(f"TADA detail knob k must be > 0 (got {k!r}): it is the initial variance of the "
+                              "last augmented variable")
         self.n, self.k = int(order), float(k)
-        n = self.n
-        self.p = np.arange(n - 1, -1, -1)  # p_i = N-1-i: power of t in e^{At} e_{N-1}
-        self.fact = np.array([math.factorial(int(q)) for q in self.p], dtype=np.float64)
-        self.A = np.diag(np.ones(n - 1), 1)
-        q1 = self._q(np.array([1.0]), g2=1.0)[0]
-        self.g2 = sigma_data ** 2 * np.linalg.inv(q1)[0, 0]  # sigma_eff(1) = sigma_data at k = 0 (G3)
-        self.sigma0 = self.k * self.g2 * np.diag(np.r_[0.0, np.diag(q1)[1:]])  # (G1) initial covariance
-        # pieces of the scaled square-root form used by `precision`
-        self.sigma0_sqrt = np.sqrt(np.diag(self.sigma0))  # (N,)
-        self.e_tilde = self.exp_at(np.array([1.0]))[0]  # (N, N) entries 1/(j-i)!
-        self.q_tilde_chol = np.linalg.cholesky(self._q(np.array([1.0]))[0])  # chol(Q~), Q~ = Q(1)
+        self.sigma0 = np.ones(self.n)  # (T3) diagonal of Sigma_0
+        self.sigma0[-1] = self.k
+        j = np.arange(self.n)
+        self._j, self._q = j[:, None], j[None, :]  # row / column index grids (N, 1), (1, N)
+        self._inv_fact_diff = np.array([[1 / _fact(q - i) if q >= i else 0.0 for q in j] for i in j])
+        self._inv_fact_nj = np.array([1 / _fact(self.n - i) for i in j])  # 1/(N-j)!
+        self._inv_fact_q = np.array([1 / _fact(q) for q in j])  # 1/q!
+        self._nfact = _fact(self.n)
 
-    def _q(self, t, g2=None):
-        g2 = self.g2 if g2 is None else g2
-        pp = self.p[:, None] + self.p[None, :] + 1  # (N, N)
-        return g2 * t[:, None, None] ** pp / (self.fact[:, None] * self.fact[None, :] * pp)  # (M, N, N)
+    # --- closed forms (T4) ---------------------------------------------------------------------------------
 
-    def exp_at(self, t):
-        """(M, N, N) e^{A t}: (j-i)-th power of t over (j-i)! above the diagonal."""
-        n = self.n
-        d = np.arange(n)[None, :] - np.arange(n)[:, None]  # j - i
-        fac = np.array([math.factorial(int(max(v, 0))) for v in d.ravel()]).reshape(n, n)
-        return np.where(d >= 0, t[:, None, None] ** np.maximum(d, 0) / fac, 0.0)
+    def phi(self, t, s) -> np.ndarray:
+        """(M, N, N) closed-loop transition Phi(t, s) (T4)."""
+        t, s = np.broadcast_arrays(np.asarray(t, dtype=np.float64).reshape(-1),
+                                   np.asarray(s, dtype=np.float64).reshape(-1))
+        d = (t - s)[:, None, None]  # (M, 1, 1)
+        pw = np.maximum(self._q - self._j, 0)  # (N, N)
+        free = np.where(self._q >= self._j, d ** pw, 0.0) * self._inv_fact_diff  # e^{A (t-s)}
+        loop = (self._nfact * d ** (self.n - self._j) * self._inv_fact_nj[:, None]  # (M, N, 1)
+                * (1 - s)[:, None, None] ** (self._q - self.n) * self._inv_fact_q[None, :])  # (M, N, N)
+        return free - loop
 
-    def cov(self, t):
-        """(G2) (M, N, N) Sigma_t for an array of times."""
+    def m(self, t, s) -> np.ndarray:
+        """(M, N) data coefficient m(t, s) of the closed loop (T4)."""
+        t, s = np.broadcast_arrays(np.asarray(t, dtype=np.float64).reshape(-1),
+                                   np.asarray(s, dtype=np.float64).reshape(-1))
+        d = (t - s)[:, None]
+        return self._nfact * d ** (self.n - self._j[:, 0]) * self._inv_fact_nj / (1 - s)[:, None] ** self.n
+
+    def mean(self, t) -> np.ndarray:
+        """(M, N) mu_t = m(t, 0)."""
+        return self.m(t, 0.0)
+
+    def cov(self, t) -> np.ndarray:
+        """(M, N, N) Sigma_t = Phi(t, 0) Sigma_0 Phi(t, 0)^T."""
+        p = self.phi(t, 0.0)
+        return (p * self.sigma0) @ p.transpose(0, 2, 1)
+
+    # --- Prop. 3.1 through the initial variables (T5) ------------------------------------------------------
+
+    def snr(self, t) -> np.ndarray:
+        """(M,) gamma_t = sum_j z_j^2 / Sigma_0,jj with z = -m(0, t)."""
+        z = -self.m(0.0, t)
+        return (z ** 2 / self.sigma0).sum(-1)
+
+    def sigma(self, t) -> np.ndarray:
+        """(M,) the noise level the denoiser sees, gamma_t^(-1/2)."""
+        return self.snr(t) ** -0.5
+
+    def projection(self, t) -> np.ndarray:
+        """(M, N) r_t = Phi(0, t)^T Sigma_0^-1 z / gamma_t, so that y_t = r_t . x_t."""
         t = np.asarray(t, dtype=np.float64).reshape(-1)
-        e = self.exp_at(t)
-        return e @ self.sigma0 @ e.transpose(0, 2, 1) + self._q(t)
+        z = -self.m(0.0, t)  # (M, N)
+        gamma = (z ** 2 / self.sigma0).sum(-1)
+        back = self.phi(0.0, t)  # (M, N, N) Phi(0, t)
+        return np.einsum("mjq,mj->mq", back, z / self.sigma0) / gamma[:, None]
 
-    def precision(self, t):
-        """(M, N, N) Sigma_t^-1, computed stably: with T = diag(t^i), T e^{At} T^-1 = E~ (constant, entries
-        1/(j-i)!) and T Q(t) T = t^(2N-1) Q~, so T Sigma T = F F^T with F = [E~ T Sigma_0^1/2, t^(N-1/2)
-        chol(Q~)]; a QR of F^T gives the triangular factor without forming the ill-conditioned product."""
-        t = np.asarray(t, dtype=np.float64).reshape(-1)
-        tp = t[:, None] ** np.arange(self.n)  # (M, N): diagonal of T
-        left = self.e_tilde[None] * (tp * self.sigma0_sqrt)[:, None, :]  # (M, N, N)
-        right = t[:, None, None] ** (self.n - 0.5) * self.q_tilde_chol[None]  # (M, N, N)
-        f = np.concatenate([left, right], axis=2)  # (M, N, 2N)
-        r = np.linalg.qr(f.transpose(0, 2, 1), mode="r")  # (M, N, N), R^T R = T Sigma T
-        r_inv = np.linalg.inv(r)
-        scaled_inv = r_inv @ r_inv.transpose(0, 2, 1)  # (T Sigma T)^-1
-        return tp[:, :, None] * scaled_inv * tp[:, None, :]
-
-    def sigma_eff(self, t):
-        """(G3) sigma_eff(t) = (e_0^T Sigma_t^-1 e_0)^-1/2."""
-        return 1.0 / np.sqrt(self.precision(t)[:, 0, 0])
-
-    def projection(self, t):
-        """(G3) (M, N) weights p with r = p . m:  p = sigma_eff^2 Sigma^-1 e_0 (so p . e_0 = 1)."""
-        inv = self.precision(t)
-        return inv[:, :, 0] / inv[:, 0, 0][:, None]
-
-    def t_of_sigma(self, sigma, iters: int = 200):
-        """Invert the increasing map t -> sigma_eff(t) by bisection in log t (to float64 precision)."""
-        target = np.log(np.asarray(sigma, dtype=np.float64).reshape(-1))
-        lo, hi = np.full_like(target, -40.0), np.full_like(target, 40.0)
+    def t_of_sigma(self, sigma, iters: int = 200) -> np.ndarray:
+        """(T6) t in (0, 1) with gamma(t) = sigma^-2, by bisection on log gamma (increasing in t)."""
+        target = -2 * np.log(np.asarray(sigma, dtype=np.float64).reshape(-1))
+        lo, hi = np.zeros_like(target), np.ones_like(target)
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
-            above = np.log(self.sigma_eff(np.exp(mid))) > target
+            with np.errstate(divide="ignore"):
+                above = np.log(self.snr(mid)) > target
             hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
-            if np.all(hi - lo < 1e-13):
+            if np.all((hi - lo) <= 4 * np.finfo(np.float64).eps * np.maximum(hi, 1e-300)):
                 break
-        return np.exp(0.5 * (lo + hi))
+        return 0.5 * (lo + hi)
 
-    def drift(self, t):
-        """(G4) B_t (M, N, N), b_t (M, N) and lambda_t = -log sigma_eff (M,) of the probability-flow ODE."""
-        inv = self.precision(t)  # (M, N, N)
-        bmat = np.broadcast_to(self.A, inv.shape).copy()
-        bmat[:, -1, :] += 0.5 * self.g2 * inv[:, -1, :]
-        bvec = np.zeros(inv.shape[:2])
-        bvec[:, -1] = -0.5 * self.g2 * inv[:, -1, 0]
-        lam = 0.5 * np.log(inv[:, 0, 0])
-        return bmat, bvec, lam
+    # --- initial state (T7) --------------------------------------------------------------------------------
 
-    def step_coefficients(self, t_from: float, t_to: float, nodes, substeps_per_unit: int = 64,
-                          variable: str = "t"):
-        """(G5) Psi(t_to, t_from) (N, N) and W (J, N) for Lagrange nodes ``nodes`` (J values of ``variable``:
-        "t" the system time, "lambda" = -log sigma_eff, or "sigma" = sigma_eff).
+    def initial_factor(self, t0: float) -> np.ndarray:
+        """(N, N-1) L with L L^T = Sigma_{t0} - mu mu^T / gamma and r^T L = 0, through the initial variables."""
+        z = -self.m(0.0, t0)[0]
+        w = z / np.sqrt(self.sigma0)
+        w = w / np.linalg.norm(w)
+        q = np.linalg.svd(w[None, :])[2][1:].T  # (N, N-1) orthonormal complement of w
+        return self.phi(t0, 0.0)[0] @ (np.sqrt(self.sigma0)[:, None] * q)
 
-        Y(u) = Psi(t_to, u) solves dY/du = -Y B_u from Y(t_to) = I; W_j = -int_{t_to}^{t_from} Y b l_j du.
-        Both are integrated together by classical RK4 in rho = log u (t_to < t_from)."""
+    # --- solver pieces (T8) --------------------------------------------------------------------------------
+
+    def open_loop(self, h: float) -> np.ndarray:
+        """(N, N) e^{A h}: h^(q-j)/(q-j)! on and above the diagonal."""
+        pw = np.maximum(self._q - self._j, 0)
+        return np.where(self._q >= self._j, float(h) ** pw, 0.0) * self._inv_fact_diff
+
+    def ab_weights(self, t_from: float, t_to: float, nodes) -> np.ndarray:
+        """(L, N) w_{l,j} = int_{t_from}^{t_to} (t_to - tau)^(N-1-j)/(N-1-j)! ell_l(tau) dtau for the Lagrange
+        basis ell_l through ``nodes``; the integrand is a polynomial of degree N-1 + L-1, integrated exactly by
+        Gauss-Legendre."""
         nodes = np.asarray(nodes, dtype=np.float64)
-        rho0, rho1 = math.log(t_to), math.log(t_from)
-        n_sub = max(8, math.ceil(abs(rho1 - rho0) * substeps_per_unit))
-        h = (rho1 - rho0) / n_sub
-        rho = rho0 + h * np.arange(2 * n_sub + 1) / 2  # grid and midpoints
-        u = np.exp(rho)
-        bmat, bvec, lam = self.drift(u)
-        var = {"t": u, "lambda": lam, "sigma": np.exp(-lam)}[variable]
-        # Lagrange basis l_j at every stage point: (S, J)
-        diff = var[:, None] - nodes[None, :]  # (S, J)
-        basis = np.ones((len(u), len(nodes)))
-        for j in range(len(nodes)):
-            for m in range(len(nodes)):
-                if m != j:
-                    basis[:, j] *= diff[:, m] / (nodes[j] - nodes[m])
-        f_y = -u[:, None, None] * bmat  # dY/drho = Y @ f_y
-        f_w = -u[:, None, None] * bvec[:, :, None] * basis[:, None, :]  # dW/drho = Y @ f_w: (S, N, J)
+        g, gw = np.polynomial.legendre.leggauss((self.n + len(nodes)) // 2 + 2)
+        half = 0.5 * (t_to - t_from)
+        tau = t_from + half * (g + 1)  # (G,)
+        basis = np.ones((len(nodes), len(tau)))
+        for a in range(len(nodes)):
+            for b in range(len(nodes)):
+                if a != b:
+                    basis[a] *= (tau - nodes[b]) / (nodes[a] - nodes[b])
+        p = self.n - 1 - np.arange(self.n)  # powers N-1-j
+        kern = (t_to - tau)[None, :] ** p[:, None] / np.array([_fact(int(v)) for v in p])[:, None]  # (N, G)
+        return half * np.einsum("lg,jg,g->lj", basis, kern, gw)
 
-        y = np.eye(self.n)
-        w = np.zeros((self.n, len(nodes)))
-        for s in range(n_sub):
-            a, m_, b = 2 * s, 2 * s + 1, 2 * s + 2
-            k1y, k1w = y @ f_y[a], y @ f_w[a]
-            y2 = y + 0.5 * h * k1y
-            k2y, k2w = y2 @ f_y[m_], y2 @ f_w[m_]
-            y3 = y + 0.5 * h * k2y
-            k3y, k3w = y3 @ f_y[m_], y3 @ f_w[m_]
-            y4 = y + h * k3y
-            k4y, k4w = y4 @ f_y[b], y4 @ f_w[b]
-            y = y + h / 6 * (k1y + 2 * k2y + 2 * k3y + k4y)
-            w = w + h / 6 * (k1w + 2 * k2w + 2 * k3w + k4w)
-        return y, w.T
+    def force(self, t: float, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """(T2) F = N!/(1-t)^N (D - sum_q x^(q) (1-t)^q / q!) with x of shape (N, ...)."""
+        c = [(1 - t) ** q / _fact(q) for q in range(self.n)]
+        taylor = sum(c[q] * x[q] for q in range(self.n))
+        return self._nfact / (1 - t) ** self.n * (denoised - taylor)
+
+
+def _check_sigmas(sigmas) -> list[float]:
+    sig = [float(s) for s in sigmas]
+    if len(sig) < 2:
+        raise ConfigError(f"TADA needs a schedule of at least 2 sigmas (got {len(sig)})")
+    pos = sig[:-1] if sig[-1] == 0 else sig
+    if any(not (s > 0 and math.isfinite(s)) for s in pos) or any(a <= b for a, b in zip(sig[:-1], sig[1:])):
+        raise ConfigError("TADA: sigmas must be strictly decreasing and positive except a final 0 "
+                          f"(got {[round(s, 6) for s in sig]})")
+    return sig
+
+
+def sigmas_uniform_t(sigmas, order: int = 2, k: float = 1.0) -> torch.Tensor:
+    """(T6) The schedule TADA's ``grid="uniform"`` queries: as many positive sigmas as ``sigmas`` has, at t
+    uniform between t(sigmas[0]) and t(last positive sigma); a final 0 is kept. Float64."""
+    sig = _check_sigmas(sigmas)
+    pos = [s for s in sig if s > 0]
+    dyn = AugmentedDynamics(order, k)
+    t_end = dyn.t_of_sigma([pos[0], pos[-1]])
+    ts = np.linspace(t_end[0], t_end[1], len(pos))
+    out = dyn.sigma(ts)
+    out[0], out[-1] = pos[0], pos[-1]  # exact ends (bisection round-off aside)
+    if sig[-1] == 0:
+        out = np.r_[out, 0.0]
+    return torch.as_tensor(out, dtype=torch.float64)
 
 
 @torch.no_grad()
 def sample_tada(denoiser, x, sigmas, *, callback=None, order: int = 2, k: float = 1.0, solver_order: int = 3,
-                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                cond: dict | None = None, ab_variable: str = "t", substeps_per_unit: int = 64):
-    """TADA sampler (arXiv 2506.21757; genkit reconstruction, see the module docstring, (G1)-(G7)).
+                grid: str = "sigmas", noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                cond: dict | None = None):
+    """TADA sampler (arXiv 2506.21757, Algorithm 1; equations (T1)-(T9) in the module docstring).
 
-    ``x``: VE initial noise at sigmas[0] (as for every genkit sampler). ``order``: N, the number of
-    augmented variables per dimension (N >= 2 for momentum; 1 is plain VE). ``k``: detail knob, the scale of
-    the initial momentum covariance (G1). ``solver_order``: Adams-Bashforth order of the exponential
-    integrator (G5), 3 in the paper. ``ab_variable``: the variable the AB polynomial is taken in, "t"
-    (default), "lambda" or "sigma". ``noise``: the N-1 extra initial noise channels, shape
-    (N-1, *x.shape) (drawn from ``generator`` when not given). Returns the sample (G7).
+    ``x``: VE initial noise at sigmas[0], as for every genkit sampler. ``order``: N, the order of the chain of
+    integrators (2 in the paper; 1 is flow matching = DDIM at ``solver_order=1``). ``k``: detail knob, the
+    initial variance of the last variable (T3). ``solver_order``: p, the Adams-Bashforth order on the force
+    (3 in the paper's EDM experiments, 2 in its SD3 one). ``grid``: "sigmas" (t_i from the given schedule,
+    the same noise levels as every sampler) or "uniform" (uniform in t between its ends). ``noise``: the N-1
+    extra initial channels xi, shape (N-1, *x.shape), drawn from ``generator`` when not given. Returns D at
+    the last positive sigma (T9).
     """
     cond = cond or {}
     if solver_order not in (1, 2, 3):
-        raise ValueError("solver_order must be 1, 2 or 3")
-    if ab_variable not in ("t", "lambda", "sigma"):
-        raise ValueError("ab_variable must be 't', 'lambda' or 'sigma'")
-    sig = [float(s) for s in sigmas]
-    n_steps = len(sig) - 1
-    if any(s <= 0 for s in sig[:-1]) or any(a <= b for a, b in zip(sig[:-1], sig[1:])):
-        raise ValueError("sigmas must be decreasing and positive (except a final 0)")
-    system = MomentumSystem(order, k)
+        raise ConfigError(f"TADA solver_order (Adams-Bashforth order p) must be 1, 2 or 3 (got {solver_order!r})")
+    if grid not in GRIDS:
+        raise ConfigError(f"TADA grid must be one of {', '.join(GRIDS)} (got {grid!r})")
+    dyn = AugmentedDynamics(order, k)
+    sig = _check_sigmas(sigmas)
+    if grid == "uniform":
+        sig = sigmas_uniform_t(sig, order, k).tolist()
+    n = dyn.n
     pos = [s for s in sig if s > 0]
-    ts = system.t_of_sigma(pos)  # (G3) times at which sigma_eff hits each sigma
-    proj = torch.as_tensor(system.projection(ts), dtype=x.dtype, device=x.device)  # (S, N)
+    ts = dyn.t_of_sigma(pos)  # (T6)
+    proj = torch.as_tensor(dyn.projection(ts), dtype=x.dtype, device=x.device)  # (S, N)
 
-    # (G6) augmented initial state m: (N, *x.shape), with r(m) = x
-    n = system.n
-    resid = system.cov(ts[:1])[0] - sig[0] ** 2 * np.outer(np.eye(n)[0], np.eye(n)[0])
-    evals, evecs = np.linalg.eigh(resid)
-    top = np.argsort(evals)[::-1][: n - 1]
-    chol = torch.as_tensor(evecs[:, top] * np.sqrt(np.clip(evals[top], 0, None)), dtype=x.dtype, device=x.device)
+    # (T7) augmented initial state (N, *x.shape) with r^T state = x
     if noise is None:
         noise = torch.randn((n - 1, *x.shape), generator=generator, dtype=x.dtype, device=x.device)
-    elif noise.shape != (n - 1, *x.shape):
-        raise ValueError(f"noise must have shape {(n - 1, *x.shape)}")
-    m = torch.zeros((n, *x.shape), dtype=x.dtype, device=x.device)
-    m[0] = x
-    m = m + torch.einsum("nj,j...->n...", chol, noise)
+    elif tuple(noise.shape) != (n - 1, *x.shape):
+        raise ConfigError(f"TADA noise must have shape {(n - 1, *x.shape)} (got {tuple(noise.shape)})")
+    mu0 = torch.as_tensor(dyn.mean(ts[:1])[0], dtype=x.dtype, device=x.device)  # (N,)
+    lfac = torch.as_tensor(dyn.initial_factor(float(ts[0])), dtype=x.dtype, device=x.device)  # (N, N-1)
+    state = mu0.reshape(n, *([1] * x.ndim)) * x[None] + torch.einsum("nj,j...->n...", lfac, noise.to(x.dtype))
 
     s_in = x.new_ones(x.shape[0])
-    history: list[tuple[float, torch.Tensor]] = []  # (AB node value, D) of past evaluations, newest first
-    for i in range(n_steps):
-        r = torch.einsum("n,n...->...", proj[i], m)  # (G3) projection r_t
-        denoised = denoiser(r, sig[i] * s_in, **cond)  # (G3) E[x0 | m_t] = D(r_t, sigma_eff)
+    history: list[tuple[float, torch.Tensor]] = []  # (t_l, F_l), newest first
+    for i in range(len(sig) - 1):
+        y = torch.einsum("n,n...->...", proj[i], state)  # (T5) y_i = r^T x_i
+        denoised = denoiser(y, sig[i] * s_in, **cond)  # D(y_i, sigma_i), sigma_i = gamma(t_i)^-1/2
         if callback is not None:
-            callback({"x": r, "i": i, "sigma": sig[i], "sigma_hat": sig[i], "denoised": denoised})
-        if sig[i + 1] == 0:  # (G7)
+            callback({"x": y, "i": i, "sigma": sig[i], "sigma_hat": sig[i], "denoised": denoised})
+        if sig[i + 1] == 0:  # (T9)
             return denoised
-        node = {"t": ts[i], "lambda": -math.log(sig[i]), "sigma": sig[i]}[ab_variable]
-        history = [(node, denoised)] + history[: solver_order - 1]
-        psi, w = system.step_coefficients(ts[i], ts[i + 1], [v for v, _ in history], substeps_per_unit,
-                                          ab_variable)
-        psi = torch.as_tensor(psi, dtype=x.dtype, device=x.device)
-        w = torch.as_tensor(w, dtype=x.dtype, device=x.device)  # (J, N)
-        m = torch.einsum("nk,k...->n...", psi, m)  # (G5) exact linear part
-        for j, (_, d_j) in enumerate(history):  # (G5) Adams-Bashforth force term
-            m = m + w[j].reshape(n, *([1] * x.ndim)) * d_j[None]
-    return torch.einsum("n,n...->...", proj[n_steps], m)  # schedule ended above 0: r ~ x_sigma (G7)
+        t_i, t_next = float(ts[i]), float(ts[i + 1])
+        history = [(t_i, dyn.force(t_i, state, denoised))] + history[: solver_order - 1]
+        e = torch.as_tensor(dyn.open_loop(t_next - t_i), dtype=x.dtype, device=x.device)
+        w = torch.as_tensor(dyn.ab_weights(t_i, t_next, [t for t, _ in history]), dtype=x.dtype,
+                            device=x.device)  # (L, N)
+        state = torch.einsum("nq,q...->n...", e, state)  # (T8) exact open-loop part
+        for j, (_, f_j) in enumerate(history):  # (T8) Adams-Bashforth on F: F_i, F_{i-1}, ...
+            state = state + w[j].reshape(n, *([1] * x.ndim)) * f_j[None]
+    return torch.einsum("n,n...->...", proj[-1], state)  # schedule ended above 0 (T9)

@@ -246,3 +246,63 @@ def test_one_step_generator_evaluates_the_network_at_sigma_init():
     with torch.no_grad():
         assert torch.allclose(gen(z), net(2.5 * z, torch.full((5,), 2.5)), atol=1e-6)
     assert math.isclose(gen.sigma_init, 2.5)
+
+
+# ------------------------------------------------------------------------------ SiD-LSG: each kappa where it enters
+
+
+class CondAffine(torch.nn.Module):
+    """D(x, sigma, c) = a x / (1 + sigma) + b + e_c: a class-conditional affine denoiser (class K = null)."""
+
+    def __init__(self, scale, shift, class_shift):
+        super().__init__()
+        self.scale, self.shift = scale, shift
+        self.class_shift = torch.tensor(class_shift)  # (K + 1,), the last entry is the null label's
+
+    def forward(self, x, sigma, cond=None, return_logits=False):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        e = 0.0 if cond is None else self.class_shift[cond].reshape(-1, *([1] * (x.ndim - 1))).to(x)
+        return self.scale * x / (1 + s) + self.shift + e
+
+
+def test_lsg_kappas_enter_where_the_official_code_puts_them():
+    """kappa_1 guides f_psi in its own training loss, kappa_2 = kappa_3 guide f_psi inside the generator loss,
+    kappa_4 guides the teacher there (official SiD-LSG sid_training_loop.py: cfg_train_fake, cfg_eval_fake,
+    cfg_eval_real). Distinct values, float64 references, and the swapped routing must give other numbers."""
+    x_g, noise, sn, u, _ = _data()
+    y, null = torch.tensor([0, 1, 2, 1, 0]), torch.full((5,), 3)
+    phi = CondAffine(0.9, 0.1, [0.3, -0.2, 0.5, 0.05])
+    psi = CondAffine(0.7, -0.05, [-0.1, 0.4, 0.2, -0.3])
+    k1, k2, k4, alpha = 1.5, 2.5, 4.0, 1.2
+    loss_fn = SiDLoss(alpha=alpha)
+    X, N, SN, U = (v.double() for v in (x_g, noise, sn, u))
+    ey = lambda net: net.class_shift.double()[y].view(-1, 1, 1, 1)
+    e0 = lambda net: net.class_shift.double()[3]
+
+    def guided_ref(net, a, xt, sig, kappa):  # D(null) + kappa (D(c) - D(null)) in float64
+        base = a * xt / (1 + sig) + net.shift
+        return base + e0(net) + kappa * (ey(net) - e0(net))
+
+    # kappa_1: the fake-score loss lambda(sigma) (D_psi,k1(x_g + sigma n) - x_g)^2
+    sig = torch.exp(-1.2 + 1.2 * SN).view(-1, 1, 1, 1)
+    lam = (sig ** 2 + 0.25) / (sig * 0.5) ** 2
+    ref = lam * (guided_ref(psi, 0.7, X + sig * N, sig, k1) - X) ** 2
+    got, _ = loss_fn(psi, x_g, noise, sn, y, null, kappa=k1)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
+    assert got.sum().item() == pytest.approx(ref.sum().item(), rel=1e-5) and ref.sum().item() == pytest.approx(
+        765.7035, rel=1e-5)
+    plain, _ = loss_fn(psi, x_g, noise, sn, y, null, kappa=1.0)
+    assert abs(plain.sum().item() - got.sum().item()) > 0.1
+
+    # kappa_2 on f_psi and kappa_4 on f_phi inside the generator loss
+    t = U * 0.8
+    sig = ((80 ** (1 / 7) + (1 - t) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7).view(-1, 1, 1, 1)
+    xt = X + sig * N
+    a, b = guided_ref(phi, 0.9, xt, sig, k4), guided_ref(psi, 0.7, xt, sig, k2)
+    w = (X - a).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+    ref_g = (a - b) * ((a - X) - alpha * (a - b)) / w
+    got_g, _ = loss_fn.generator_loss(phi, psi, x_g, noise, u, y, null, kappa_fake=k2, kappa_real=k4)
+    assert torch.allclose(got_g.double(), ref_g, rtol=1e-5, atol=1e-6)
+    assert ref_g.sum().item() == pytest.approx(-30.835803, rel=1e-5)
+    swapped, _ = loss_fn.generator_loss(phi, psi, x_g, noise, u, y, null, kappa_fake=k4, kappa_real=k2)
+    assert abs(swapped.sum().item() - got_g.sum().item()) > 0.1

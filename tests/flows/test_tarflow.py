@@ -212,3 +212,30 @@ def test_parity_with_official_code():
     assert close(model.reverse(noise, y), [1.380145, 1.39194, 0.096112, 0.528053, 1.457654, -0.707437])
     guided = model.reverse(noise, y, guidance=1.5, attn_temp=0.8, annealed_guidance=True)
     assert close(guided, [0.832201, 1.712238, -0.054477, 0.544673, 1.580022, -0.85293])
+    # Non-annealed guidance and each letter of guide_what alone (official Model.reverse(noise, y, 1.5, ...)).
+    assert close(model.reverse(noise, y, guidance=1.5, guide_what="a"),
+                 [0.581818, 1.259315, 0.061763, 0.553455, 1.396696, -0.371771])
+    assert close(model.reverse(noise, y, guidance=1.5, guide_what="b"),
+                 [1.623739, 1.764235, -0.08804, 0.446615, 1.703029, -1.196188])
+    assert close(model.reverse(noise, y, guidance=1.5, attn_temp=0.8),
+                 [0.852673, 1.678145, -0.173631, 0.543273, 1.643315, -0.84323])
+
+
+def test_parity_with_official_code_unconditional_attention_temperature_guidance():
+    """As above with num_classes=0 (the same fill over the unconditional model's parameters): the paper's
+    attention-temperature guidance, official Model.reverse(noise, None, w, attn_temp=tau[, annealed])."""
+    model = TarFlow(TarFlowConfig(img_size=4, channels=1, patch_size=2, num_blocks=2, layers_per_block=1,
+                                  channels_model=64, head_dim=64, num_classes=0)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g) + (1.0 if name.endswith("norm.weight") else 0.0))
+    g = torch.Generator().manual_seed(1)
+    torch.randn(2, 1, 4, 4, generator=g)  # x of the conditional case, to draw the same noise
+    noise = model.unpatchify(torch.randn(2, 4, 4, generator=g))
+    close = lambda a, b: torch.allclose(a.flatten()[:6], torch.tensor(b), atol=1e-4)
+    assert close(model.reverse(noise), [5.141449, 1.85967, -0.269107, 0.318293, 0.022734, -1.371957])
+    assert close(model.reverse(noise, guidance=1.5, attn_temp=0.5),
+                 [5.6004, 1.78761, -0.220884, 0.384364, -0.074434, -1.349669])
+    assert close(model.reverse(noise, guidance=2.0, attn_temp=1.5, annealed_guidance=True),
+                 [4.33608, 2.069773, -0.367735, 0.205107, 0.230192, -1.460342])

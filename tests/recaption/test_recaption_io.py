@@ -1,5 +1,7 @@
 """Shard specs, streaming tar reading, caption text and image checks: no model needed."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,35 +9,48 @@ import torch
 from genkit.errors import ConfigError
 from genkit.recaption import testing as T
 from genkit.recaption.data import ImageChecks, SampleError, collate, decode_image
-from genkit.recaption.shards import braceexpand, expand_shards, iter_tar_samples, shard_name, split_key
+from genkit.recaption.shards import expand_shards, iter_tar_samples, shard_name, split_key
 from genkit.recaption.text import caption_from_fields, decode_caption, repair_mojibake
 from recap_helpers import data_end, huge_png, member_offsets, png
 
 
-def test_braceexpand_keeps_zero_padding_and_takes_lists():
-    assert braceexpand("d/p-{000008..000011}.tar") == [f"d/p-{i:06d}.tar" for i in range(8, 12)]
-    assert braceexpand("x{1..3}") == ["x1", "x2", "x3"]
-    assert braceexpand("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
-    assert braceexpand("plain.tar") == ["plain.tar"]
-    assert len(braceexpand("p-{000000..000127}.tar")) == 128
+def test_specs_expand_as_webdataset_does():
+    from webdataset.shardlists import expand_urls
+
+    spec = "http://127.0.0.1:9/d/p-{000008..000011}.tar::pipe:cat x/q-{a,b}-{0..1}.tar"
+    got = expand_shards(spec)
+    assert got == expand_urls(spec)  # webdataset's own expansion: '::' lists, zero padding, braces
+    assert got[:4] == [f"http://127.0.0.1:9/d/p-{i:06d}.tar" for i in range(8, 12)]
+    assert got[4:] == [f"pipe:cat x/q-{s}.tar" for s in ("a-0", "a-1", "b-0", "b-1")]
+    assert [shard_name(u) for u in got] == [f"p-{i:06d}" for i in range(8, 12)] + ["q-a-0", "q-a-1", "q-b-0",
+                                                                                       "q-b-1"]
+    assert len(expand_shards("https://h/p-{000000..000127}.tar")) == 128
+    assert shard_name("https://h/a/part-000001.tar?sig=1%2F2") == "part-000001"
+    assert shard_name("pipe:curl -s -L 'https://h/part-000002.tar' | zcat") == "part-000002"
+    assert shard_name("pipe:aws s3 cp s3://b/part-000003.tar -") == "part-000003"
+    assert shard_name("file:///data/part-000004.tar.gz") == "part-000004"
 
 
 def test_expand_shards_spec_folder_and_errors(tmp_path):
     for i in range(3):
         T.write_tar(tmp_path / "d" / f"p-{i:02d}.tar", [])
     (tmp_path / "d" / "notes.txt").write_text("x")
-    assert [p.name for p in expand_shards(str(tmp_path / "d"))] == ["p-00.tar", "p-01.tar", "p-02.tar"]
+    assert [Path(p).name for p in expand_shards(str(tmp_path / "d"))] == ["p-00.tar", "p-01.tar", "p-02.tar"]
     assert len(expand_shards(str(tmp_path / "d" / "p-{00..02}.tar"))) == 3
     assert len(expand_shards(str(tmp_path / "d" / "p-*.tar"))) == 3
     with pytest.raises(ConfigError, match="do not exist"):
         expand_shards(str(tmp_path / "d" / "p-{00..04}.tar"))
-    with pytest.raises(ConfigError, match="only local"):
-        expand_shards("s3://bucket/p-{00..01}.tar")
+    with pytest.raises(ConfigError, match="cannot name the output"):
+        expand_shards("pipe:cat something")
+    with pytest.raises(ConfigError, match="same name"):
+        expand_shards("http://127.0.0.1:9/a/p.tar::http://127.0.0.1:9/b/p.tar")
+    assert expand_shards(f"file://{tmp_path / 'd' / 'p-00.tar'}") == [str(tmp_path / "d" / "p-00.tar")]
     T.write_tar(tmp_path / "e" / "p-00.tar", [])
     with pytest.raises(ConfigError, match="same name"):
         expand_shards(f"{tmp_path / 'd'}::{tmp_path / 'e'}")
     assert shard_name("a/b/part-000001.tar") == "part-000001"
     assert split_key("a/b/0001.seg.PNG") == ("a/b/0001", "seg.png")
+    assert split_key("a/noext") == (None, None)  # skipped, as webdataset does
 
 
 def _shard(tmp_path, n=4):

@@ -78,9 +78,14 @@ def test_two_processes_equal_one_with_same_global_batch(tmp_path, launcher):
     args = [*TINY, "train.steps=4", "train.batch_size=16", "runtime.checkpoint_every=0"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_genkit("train-flow", *args, "--out", one, "-q")
-    cmd = [*LAUNCHERS[launcher], "train-flow", *args, "--out", str(two), "-q"]
+    # the torchrun case also feeds TensorBoard: trackers run on rank 0 only, and must not break the
+    # processes' last synchronisation (Accelerator.end_training would destroy the process group)
+    tracker = ["runtime.log_with=tensorboard"] if launcher == "torchrun" else []
+    cmd = [*LAUNCHERS[launcher], "train-flow", *args, *tracker, "--out", str(two), "-q"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    if tracker:
+        assert len(list((two / "tracking" / "genkit").glob("events.out.tfevents.*"))) == 1
     m = json.loads((two / "metrics.json").read_text())
     assert m["world_size"] == 2
     first = [json.loads(l) for l in (two / "log.jsonl").read_text().splitlines()][0]

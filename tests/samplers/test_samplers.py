@@ -121,7 +121,8 @@ def grid_setup():
     return gm, ref, mean_log_density(gm, ref), reference_mode_masses(gm, 50_000)
 
 
-@pytest.mark.parametrize("name, nfe", [("euler", 200), ("heun", 79), ("dpmpp-2m", 40), ("tada", 40)])
+@pytest.mark.parametrize("name, nfe", [("euler", 200), ("heun", 79), ("dpmpp-2m", 40), ("unipc", 40),
+                                       ("tada", 40)])
 def test_every_sampler_converges_to_mixture(name, nfe, grid_setup):
     """5x5 grid, 3000 samples, exact teacher. Thresholds sit between the converged values (sliced W2 ~0.04
     = the two-sample floor, mode TV ~0.045 vs a floor of ~0.035, log-density gap < 0.13) and what the same
@@ -151,10 +152,12 @@ def test_nfe_counts(name, nfe):
 
 def test_steps_for_nfe_values():
     assert [steps_for_nfe("heun", n) for n in (3, 4, 5, 35)] == [2, 2, 3, 18]
-    assert [steps_for_nfe(s, 10) for s in ("euler", "dpmpp-2m", "tada")] == [10, 10, 10]
+    assert [steps_for_nfe(s, 10) for s in ("euler", "dpmpp-2m", "unipc", "tada")] == [10, 10, 10, 10]
     exp = sigmas_for_nfe("dpmpp-2m", 4, schedule="exponential")
     torch.testing.assert_close(exp, get_sigmas_exponential(4))
-    with pytest.raises(ConfigError, match="unknown schedule 'cosine'; valid schedules: karras, exponential"):
+    uni = sigmas_for_nfe("heun", 5, schedule="uniform-t")  # 3 steps, uniform in TADA's t
+    assert len(uni) == 4 and uni[-1] == 0 and float(uni[0]) == 80.0 and abs(float(uni[2]) - 0.002) < 1e-15
+    with pytest.raises(ConfigError, match="unknown schedule 'cosine'; valid schedules: karras, exponential, uniform-t"):
         sigmas_for_nfe("euler", 4, schedule="cosine")
 
 
@@ -165,7 +168,8 @@ def test_unknown_sampler_lists_valid_names():
         assert name in str(e.value)
 
 
-@pytest.mark.parametrize("name, nfe", [("heun", 2), ("dpmpp-2m", 2), ("tada", 2), ("euler", 0)])
+@pytest.mark.parametrize("name, nfe", [("heun", 2), ("dpmpp-2m", 2), ("unipc", 2), ("tada", 2),
+                                       ("euler", 0)])
 def test_nfe_too_small_is_config_error(name, nfe):
     with pytest.raises(ConfigError, match=f"nfe={nfe} is too small for sampler '{name}'"):
         steps_for_nfe(name, nfe)

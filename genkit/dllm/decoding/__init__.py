@@ -2,7 +2,7 @@
 
 Every decoder is `decode_<name>(model, prompt_ids, *, gen_length, block_length, ...) -> DecodeResult` where
 `model(input_ids, attention_mask=None, position_ids=None) -> logits (B, L, V)` has `config.mask_token_id`
-(genkit's `LLaDAModel`), and `prompt_ids` is a (B, P) tensor or a list of token-id lists (left-padded here).
+(genkit's `LLaDAModel` or `DreamModel`; `config.shifted_logits` marks Dream-style logits), and `prompt_ids` is a (B, P) tensor or a list of token-id lists (left-padded here).
 """
 
 from genkit.errors import ConfigError

@@ -12,6 +12,16 @@ from .common import (DecodeResult, argmax_no_mask, check_blocks, logits_at, mode
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
+# What an official `model.diffusion_generate(...)` call gets for the sampling settings it omits (Dream's pinned
+# transformers 4.46.2; also 4.52, which DiffuCoder's RL code pins): with no generation_config argument the sampler
+# builds one with `DreamGenerationConfig.from_model_config(model.config)`, and a transformers 4.x model config
+# carries the global generation defaults, so DreamGenerationConfig's own defaults (temperature 0, no top-p / top-k)
+# are replaced by these. The README / demo calls and DiffuCoder's coupled-GRPO rollouts omit top_k (so they
+# sample after a top-50 filter); Dream's lm-eval harness passes top_k=None explicitly (no filter). genkit's
+# decoders take every setting explicitly, defaulting to temperature 0, top_p / top_k None, steps = gen_length;
+# pass these values to reproduce an official call that omits them.
+OFFICIAL_OMITTED = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "steps": 512}
+
 
 def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filter: keep the smallest most-probable set whose mass reaches top_p (the top token always)."""
@@ -134,9 +144,16 @@ def _decode_dream(model, prompt_ids, alg, *, gen_length, block_length, steps, te
 _COMMON = """
     Dream (Ye et al., arXiv 2508.15487) runs `steps` passes over timesteps t_i = linspace(1, eps, steps + 1);
     with m masked positions left, pass i commits n = int(m (1 - t_{i+1}/t_i)) of them (all at the last pass).
-    Tokens are the argmax, or a sample at `temperature` after `top_p` / `top_k` (`sample_tokens`); logits of
-    Dream-style models (config `shifted_logits`) are shifted right by one first, as Dream does. DiffuCoder
-    (Gong et al., arXiv 2506.20639, apple/ml-diffucoder) decodes with this same sampler, `entropy` by default.
+    The truncation makes some passes commit nothing (with steps = gen_length the first commits none and the last
+    two); such a pass still runs the model, so `nfe` = steps (= the length of each trace, empty passes included).
+    Tokens are the argmax, or a sample at `temperature` after `top_p` then `top_k` (`sample_tokens`; both filter
+    the tempered logits before the softmax); logits of Dream-style models (config `shifted_logits`) are shifted
+    right by one first, as Dream's sampler does (position 0 reuses its own row; it is prompt). genkit's
+    defaults are temperature 0, no top-p / top-k filter (top_k=None, as Dream's lm-eval harness passes it);
+    an official call that omits them gets `OFFICIAL_OMITTED` (temperature 1.0, top_k 50, steps 512). Random
+    numbers come from `generator` (the global torch RNG when None) in the official order, so a seeded call equals
+    the official sampler seeded with torch.manual_seed (tests/dllm/test_dream_parity.py). DiffuCoder (Gong et
+    al., arXiv 2506.20639, apple/ml-diffucoder) decodes with this same sampler, `entropy` by default.
 
     Official code: Dream's `generation_utils.py` `_sample` (shipped with the HF checkpoints; copied in
     NVlabs/Fast-dLLM `dream/model/generation_utils.py`). Where it differs from the paper: the paper's reverse
@@ -156,7 +173,9 @@ def decode_origin(model, prompt_ids, *, gen_length: int = 128, block_length: int
     """Dream's `origin` order: the plain absorbing-state reverse step (D3PM, Austin et al., arXiv 2107.03006).
 
     At pass i every masked position is revealed independently with probability 1 - t_{i+1}/t_i (all of them
-    at the last pass), its token drawn as below; no confidence ordering (`alg_temp` is unused).
+    at the last pass), its token drawn as below; no confidence ordering (`alg_temp` is unused). The reveal draws
+    one uniform number per masked position at every pass, the last included, even at temperature 0: greedy
+    `origin` decoding is random in *which* positions open when, and reproducible only through `generator`.
     """
     return _decode_dream(model, prompt_ids, "origin", gen_length=gen_length, block_length=block_length,
                          steps=steps, temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp,

@@ -1,11 +1,14 @@
 """Rewards of `genkit rl`: a name -> function table; the rollout batch's reward is their weighted sum.
 
-* `task`: genkit's built-in graded tasks (`genkit.dllm.tasks`): the grader's `score` when it gives one (pyfunc:
-  the share of hidden asserts that pass, as the official `code` reward), else 1.0 for a correct output.
-  Tasks graded by running code (pyfunc) go through `genkit.eval.sandbox.run_many`, many programs at once.
-* `code`, `code_format`: DiffuCoder's rewards (apple/ml-diffucoder `src/open_r1/rewards.py`, weights 2.0 and 0.5
-  in `recipes/config_coupled_code.yaml`) from `genkit.eval.rewards`, for rows that carry their asserts in
-  `tests` (or `meta.tests`).
+* `task`: genkit's built-in graded tasks (`genkit.dllm.tasks`), scored by `genkit.eval.rewards.grade_reward`
+  (the grader's `score` when it gives one, pyfunc: the share of hidden asserts that pass, else 1.0 for a correct
+  output). Tasks graded by running code (pyfunc) go through `genkit.eval.sandbox.run_many`, many programs at
+  once, memoised (the only RL-specific part: `genkit.eval.rewards.task_rewards` grades one row at a time).
+* `code`, `code_format`: DiffuCoder's rewards under their official names (apple/ml-diffucoder
+  `src/open_r1/rewards.py`: `code` = `genkit.eval.rewards.code_rewards`, `code_format` = the format reward
+  `genkit.eval.rewards.format_rewards`), for rows that carry their asserts in `tests` (or `meta.tests`); with
+  `recipes/config_coupled_code.yaml`'s weights {code: 2.0, code_format: 0.5} the sum is
+  `genkit.eval.rewards.code_format_reward`. No reward is implemented twice.
 
 Nothing generated runs in the training process: programs run in the sandbox. Grades are memoised per
 (program, tests), since rollouts of a small model repeat often.
@@ -31,6 +34,9 @@ class Grader:
     def __init__(self, workers: int = 2, timeout: float | None = None):
         self.workers, self.timeout = workers, timeout
         self.cache: dict = {}
+
+    def sandbox_kw(self) -> dict:
+        return {"timeout": self.timeout} if self.timeout else {}
 
     def grade(self, rows: list[dict], texts: list[str]) -> list[dict]:
         out: list[dict | None] = [None] * len(rows)
@@ -63,20 +69,24 @@ class Grader:
 
 
 def task_reward(rows, texts, grader: Grader) -> list[float]:
-    grades = grader.grade(rows, texts)
-    return [float(g["score"]) if g.get("score") is not None else float(bool(g.get("correct"))) for g in grades]
+    from genkit.eval.rewards import grade_reward
+
+    return [grade_reward(g) for g in grader.grade(rows, texts)]
 
 
 def code_reward(rows, texts, grader: Grader) -> list[float]:
-    from genkit.eval.rewards import code_reward as official
+    from genkit.eval.rewards import code_rewards
 
-    return [float(official(text, row_tests(row))) for row, text in zip(rows, texts)]
+    return code_rewards(texts, [row_tests(r) for r in rows], workers=grader.workers, **grader.sandbox_kw())
 
 
 def code_format_reward(rows, texts, grader: Grader) -> list[float]:
-    from genkit.eval.rewards import code_format_reward as official
+    """The official reward *named* `code_format` (apple/ml-diffucoder `get_code_format_reward`) is the format
+    reward alone (1 / 0.5 / 0); the recipe's weights make the total 2.0 x code + 0.5 x format, which is
+    `genkit.eval.rewards.code_format_reward`."""
+    from genkit.eval.rewards import format_rewards
 
-    return [float(official(text, row_tests(row))) for row, text in zip(rows, texts)]
+    return format_rewards(texts)
 
 
 REWARDS = {"task": task_reward, "code": code_reward, "code_format": code_format_reward}

@@ -32,7 +32,6 @@ Where genkit differs from the official code, and why:
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,13 +244,6 @@ def rollout(model, prompts: torch.Tensor, pad: torch.Tensor, *, gen_length: int,
     return res.generated.cpu(), res.trace
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al., arXiv 2107.03374): 1 - C(n - c, k) / C(n, k), as a stable product."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
 @torch.no_grad()
 def evaluate(model, tok, rows: list[dict], prompts: torch.Tensor, pad: torch.Tensor, *, gen_length: int, steps: int,
              temperature: float, top_p: float, samples: int, ks: list[int], batch_size: int, seed: int,
@@ -264,6 +256,7 @@ def evaluate(model, tok, rows: list[dict], prompts: torch.Tensor, pad: torch.Ten
     sampled decoding orders: local@1 and global@1.
     """
     from genkit.eval.arness import arness_of_order
+    from genkit.eval.passk import pass_at_k
 
     N = len(rows)
     out: dict = {}
