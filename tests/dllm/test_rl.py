@@ -145,6 +145,28 @@ def test_completion_mask_ends_at_the_first_end_of_turn_inclusive():
     assert completion_mask(comp, 0).int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
+def test_rl_rewards_are_the_eval_rewards_under_their_official_names():
+    """`code` and `code_format` are genkit.eval.rewards' code and format rewards (official names), so the
+    official weights {code: 2.0, code_format: 0.5} sum to eval's code_format_reward; `task` is the task's
+    grade (pyfunc: share of hidden asserts passing) through the batched, memoised sandbox grader."""
+    from genkit.dllm.rl.rewards import REWARDS, Grader
+    from genkit.eval import rewards as R
+
+    tests = ["assert f(1) == 2", "assert f(2) == 3", "assert f(0) == 0"]
+    texts = ["Code.\n```python\ndef f(x):\n    return x + 1\n```\n",  # passes 2 of 3 asserts, format 1
+             "Code.\n```python\ndef f(x)\n    return x\n```\n",       # syntax error: format 0.5, code 0
+             "no code\n"]
+    rows = [{"tests": tests}] * 3
+    g = Grader(workers=1)
+    code, fmt = REWARDS["code"](rows, texts, g), REWARDS["code_format"](rows, texts, g)
+    assert code == pytest.approx([2 / 3, 0.0, 0.0]) and fmt == [1.0, 0.5, 0.0]
+    total = [2.0 * c + 0.5 * f for c, f in zip(code, fmt)]
+    assert total == pytest.approx([R.code_format_reward(t, tests) for t in texts])
+    row = {"task": "pyfunc", "meta": {"tests": ["assert f(1) == 2", "assert f(3) == 4", "assert f(0) == 0"]}}
+    task = REWARDS["task"]([row] * 3, ["return x + 1", "return x + 1", "return 0"], g)
+    assert task == pytest.approx([2 / 3, 2 / 3, 1 / 3]) and len(g.cache) == 2  # memoised per program
+
+
 # ------------------------------------------------------------------------------------------- CLI
 SFT = ["data.task=pyfunc", "data.n_train=300", "data.n_test=16", "arch.d_model=32", "arch.n_layers=1",
        "arch.n_heads=2", "arch.mlp_hidden_size=64", "train.batch_size=16", "train.steps=30", "train.lr=3e-3",
