@@ -279,3 +279,40 @@ def test_bad_input_is_one_line(sft_run, tmp_path, capsys, monkeypatch):
     for args, needle in cases:
         rc, _, err = cli(capsys, *args, "--out", tmp_path / "o")
         assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_rl_on_a_diffucoder_folder_with_the_official_code_recipe(tmp_path, capsys):
+    """recipes/rl/diffucoder-coupled-code.yaml on a tiny DiffuCoder-format folder (DreamModel, shifted logits,
+    Dream tokenizer files without remote code, chat template, end of turn <|im_end|>): code + code_format
+    rewards from the sandbox, and the written model folder loads back as a DreamModel."""
+    from test_dream_decode_cli import dream_tokenizer_folder
+
+    from genkit.dllm.dream_model import DreamConfig, DreamModel
+    from genkit.dllm.io import load_dllm
+
+    folder = tmp_path / "DiffuCoder-tiny"
+    ids = dream_tokenizer_folder(folder)
+    cfg = DreamConfig(vocab_size=ids["<|mask|>"] + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6,
+                      mask_token_id=ids["<|mask|>"], pad_token_id=ids["<|endoftext|>"],
+                      eos_token_id=ids["<|endoftext|>"], initializer_range=0.5)
+    DreamModel(cfg).init_weights(torch.Generator().manual_seed(0)).save_pretrained(tmp_path / "m")
+    for f in (tmp_path / "m").iterdir():  # save_pretrained replaces its folder: move the files next to the tokenizer
+        f.rename(folder / f.name)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Write add{i}(a, b).", "tests": [f"assert add{i}(1, 2) == 3"]})
+                             + "\n" for i in range(4)))
+    out = tmp_path / "rl"
+    torch.set_num_threads(1)
+    rc, _, err = cli(capsys, "rl", "recipes/rl/diffucoder-coupled-code.yaml", f"init={folder}",
+                     f"data.train_file={train}", "train.steps=2", "train.prompts_per_step=2",
+                     "rollout.num_generations=2", "rollout.batch_size=4", "rollout.gen_length=8", "rollout.steps=8",
+                     "runtime.grad_accum=1", "runtime.mixed_precision=no", "runtime.threads=1", "runtime.log_every=1",
+                     "--out", out, "-q")
+    assert rc == 0, err
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2]
+    assert all("rewards/code" in x and "rewards/code_format" in x for x in log)
+    model, tok, _ = load_dllm(out / "model")
+    assert isinstance(model, DreamModel)
+    assert max_diff(weights(out), load_file(str(folder / "model.safetensors"))) > 0  # it trained
