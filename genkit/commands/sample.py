@@ -75,6 +75,12 @@ def sample(
     if dry_run_:
         dry_run(cfg)
         return
+    from genkit.flows.lm_train import sample_text, tarflowlm_folder
+
+    if (lm := tarflowlm_folder(ckpt)) is not None:  # TarFlowLM: text samples (cfg/denoise do not apply)
+        m = sample_text(lm, n, out, seed=cfg.seed, temperature=cfg.temperature, batch_size=cfg.batch_size)
+        typer.echo(f"samples: {out / 'samples.txt'}  ({n} in {m['seconds']:.1f}s)")
+        return
     import torch
 
     from genkit.data.grid import save_grid, save_samples_npz

@@ -8,6 +8,7 @@ process with the same global batch.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -88,6 +89,27 @@ class FlowRecipe:
         return p
 
 
+def flow_recipe_class(model: str):
+    """The recipe class of a flow family (``model=...``): each family has its own arch/data/train/eval keys."""
+    if model == "tarflow":
+        return FlowRecipe
+    if model == "tarflowlm":
+        from genkit.flows.lm_train import TarFlowLMRecipe
+
+        return TarFlowLMRecipe
+    raise ConfigError(f"model: {model!r} is not one of 'tarflow', 'tarflowlm'")
+
+
+def load_flow_recipe(recipe: str | Path | None = None, overrides: list[str] | None = None):
+    """Load a train-flow recipe: ``model`` (from the overrides, else the YAML, else 'tarflow') picks the class."""
+    from genkit import config as C
+
+    model = C.parse_overrides(overrides or []).get("model")
+    if model is None and recipe is not None:
+        model = C._read_yaml(recipe).get("model")
+    return C.load(flow_recipe_class(str(model or "tarflow")), recipe, overrides)
+
+
 def build_flow(cfg: FlowRecipe, shape: tuple[int, int, int], num_classes: int):
     from genkit.flows.tarflow import TarFlow, TarFlowConfig
 
@@ -142,7 +164,102 @@ def flow_log_prob(model):
     return fn
 
 
-def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict:
+class ImageObjective:
+    """What the shared loop (`fit`) needs to train a TarFlow on images: the global batch of a step, the
+    loss of a micro-batch (NLL in nats per dimension), the logged figures and the learning rate."""
+
+    key = "bpd"  # the figure on the progress bar
+
+    def __init__(self, cfg: FlowRecipe, train: ImageData, test: ImageData):
+        self.cfg, self.train, self.test = cfg, train, test
+        self.dims = int(torch.tensor(train.shape).prod())
+        self.log_bin = self.dims * math.log(2.0 / train.levels)  # see genkit.eval.bpd
+
+    def prepare_step(self, step: int, model, opt) -> float:
+        lr = lr_at(step, self.cfg.train)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def batch(self, step: int):
+        idx = batch_indices(len(self.train), self.cfg.train.batch_size, step, self.cfg.runtime.seed)
+        return idx, make_inputs(self.train, idx, self.cfg, self.cfg.runtime.seed, step)
+
+    def loss(self, model, x, y):
+        z, logdet = model(x, y)
+        # per-dim NLL in nats over v in [-1,1]^D (the constant 0.5 log 2pi keeps it a true NLL)
+        return (0.5 * z.float().flatten(1).pow(2).sum(1) - logdet.float()).mean() / self.dims \
+            + 0.5 * math.log(2 * math.pi)
+
+    def report(self, loss: float) -> dict:
+        return {"loss": loss, "train_bpd": (loss * self.dims - self.log_bin) / (self.dims * math.log(2))}
+
+    def evaluate(self, model, rt) -> dict:
+        return {"test_bpd": evaluate_bpd(model, self.test, rt)}
+
+
+def fit(rt: Runtime, model, opt, objective, t, *, model_config: dict, ema=None, eval_every: int = 0,
+        description: str = "train-flow") -> dict:
+    """The train-flow loop, shared by every flow family (images: `ImageObjective`; text:
+    `genkit.flows.lm_train`): resume, then per step the objective's learning rate and global batch, gradient
+    accumulation over this rank's shards, clip, step, EMA, log, checkpoint; a final checkpoint at the end.
+
+    ``objective`` provides ``prepare_step(step, model, opt) -> lr``, ``batch(step) -> (rows, tensors)`` (the
+    global batch, a function of (seed, step): resumed runs and W processes equal one uninterrupted process),
+    ``loss(model, *tensors) -> scalar``, ``report(loss) -> dict``, ``evaluate(model, rt) -> dict`` and ``key``.
+    Returns the loop's figures: start step, last logged values, training seconds, rows seen."""
+    meta = rt.resume(model, opt, ema=ema)
+    start = meta["step"] if meta else 0
+    accum = rt.cfg.grad_accum
+    micro = t.batch_size // accum
+    t0, seen, last = time.time(), 0, {}
+    with rt.progress(t.steps, initial=start, description=description) as bar:
+        for step in range(start, t.steps):
+            lr = objective.prepare_step(step, model, opt)
+            idx, inputs = objective.batch(step)
+            model.train()
+            total = torch.zeros((), device=rt.device)
+            for a in range(accum):
+                sl = slice(a * micro, (a + 1) * micro)
+                mine = rt.shard(micro)
+                if step == start and a == 0:  # which rows each rank trains on (rank-disjoint shards)
+                    rt.log(step, event="first_batch", rows_by_rank=rt.gather(idx[sl][mine]).tolist())
+                part = [None if v is None else v[sl][mine].to(rt.device) for v in inputs]
+                with rt.no_sync(model, skip=a < accum - 1):
+                    with rt.autocast():
+                        loss = objective.loss(model, *part)
+                    rt.check_finite(loss, step)
+                    rt.backward(loss / accum)
+                total += loss.detach() / accum
+            gnorm = rt.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else float("nan")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(rt.unwrap(model))
+            seen += t.batch_size
+            done = step + 1
+            if done % rt.cfg.log_every == 0 or done == t.steps:
+                last = {**objective.report(rt.mean(total)), "lr": lr, "grad_norm": gnorm}
+                if eval_every and done % eval_every == 0:
+                    last.update(objective.evaluate(rt.unwrap(model), rt))
+                rt.log(done, **last)
+            bar.update(1, **({objective.key: last[f"train_{objective.key}"]} if last else {}))
+            if rt.cfg.checkpoint_every and done % rt.cfg.checkpoint_every == 0 and done < t.steps:
+                rt.save_checkpoint(done, model, opt, config=model_config, ema=ema)
+    rt.save_checkpoint(t.steps, model, opt, config=model_config, ema=ema)
+    if not last and rt.is_main and (rt.out / "log.jsonl").is_file():  # resumed after the last step: last figures
+        logged = [json.loads(line) for line in (rt.out / "log.jsonl").read_text().splitlines()]
+        last = next(({k: v for k, v in r.items() if k not in ("step", "time")} for r in reversed(logged)
+                     if "loss" in r), {})
+    return {"start": start, "last": last, "train_seconds": time.time() - t0, "seen": seen}
+
+
+def train_flow(cfg, out: str | Path, *, quiet: bool = False) -> dict:
+    """``genkit train-flow``: TarFlow on images, or TarFlowLM on text (``model=tarflowlm``)."""
+    if getattr(cfg, "model", "tarflow") == "tarflowlm":
+        from genkit.flows.lm_train import train_tarflowlm
+
+        return train_tarflowlm(cfg, out, quiet=quiet)
     rt = Runtime(cfg.runtime, out, quiet=quiet)
     seed = cfg.runtime.seed
     train, test = cfg.data.load("train"), cfg.data.load("test")
@@ -154,64 +271,17 @@ def train_flow(cfg: FlowRecipe, out: str | Path, *, quiet: bool = False) -> dict
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, t.beta2), weight_decay=t.weight_decay)
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     model, opt = rt.prepare(model, opt)
-    meta = rt.resume(model, opt, ema=ema)
-    start = meta["step"] if meta else 0
     n_params = sum(p.numel() for p in model.parameters())
-    dims = int(torch.tensor(train.shape).prod())
-    log_bin = dims * math.log(2.0 / train.levels)  # see genkit.eval.bpd
-    micro = t.batch_size // cfg.runtime.grad_accum
-    t0, seen = time.time(), 0
-    last = {}
-    with rt.progress(t.steps, initial=start, description="train-flow") as bar:
-        for step in range(start, t.steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, t)
-            idx = batch_indices(len(train), t.batch_size, step, seed)
-            x, y = make_inputs(train, idx, cfg, seed, step)
-            model.train()
-            total = torch.zeros((), device=rt.device)
-            for a in range(cfg.runtime.grad_accum):
-                sl = slice(a * micro, (a + 1) * micro)
-                mine = rt.shard(micro)
-                if step == start and a == 0:  # which rows each rank trains on (rank-disjoint shards)
-                    rt.log(step, event="first_batch", rows_by_rank=rt.gather(idx[sl][mine]).tolist())
-                xb = x[sl][mine].to(rt.device)
-                yb = y[sl][mine].to(rt.device) if y is not None else None
-                with rt.no_sync(model, skip=a < cfg.runtime.grad_accum - 1):
-                    with rt.autocast():
-                        z, logdet = model(xb, yb)
-                    # per-dim NLL in nats over v in [-1,1]^D (the constant 0.5 log 2pi keeps it a true NLL)
-                    nll = (0.5 * z.float().flatten(1).pow(2).sum(1) - logdet.float()).mean() / dims \
-                        + 0.5 * math.log(2 * math.pi)
-                    rt.check_finite(nll, step)
-                    rt.backward(nll / cfg.runtime.grad_accum)
-                total += nll.detach() / cfg.runtime.grad_accum
-            gnorm = rt.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else float("nan")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(rt.unwrap(model))
-            seen += t.batch_size
-            done = step + 1
-            if done % cfg.runtime.log_every == 0 or done == t.steps:
-                loss = rt.mean(total)
-                bpd = (loss * dims - log_bin) / (dims * math.log(2))
-                last = {"loss": loss, "train_bpd": bpd, "lr": lr_at(step, t), "grad_norm": gnorm}
-                if cfg.eval.eval_every and done % cfg.eval.eval_every == 0:
-                    last["test_bpd"] = evaluate_bpd(rt.unwrap(model), test, rt, ema)
-                rt.log(done, **last)
-            bar.update(1, **({"bpd": last["train_bpd"]} if last else {}))
-            if cfg.runtime.checkpoint_every and done % cfg.runtime.checkpoint_every == 0 and done < t.steps:
-                rt.save_checkpoint(done, model, opt, config=model_config, ema=ema)
-    rt.save_checkpoint(t.steps, model, opt, config=model_config, ema=ema)
-    train_seconds = time.time() - t0
+    objective = ImageObjective(cfg, train, test)
+    run = fit(rt, model, opt, objective, t, model_config=model_config, ema=ema, eval_every=cfg.eval.eval_every)
+    train_seconds = run["train_seconds"]
     final = rt.unwrap(model)
     if ema is not None:
         final.load_state_dict(ema.weights_for(final))
     final.eval()
     metrics = {"model": cfg.model, "params": n_params, "steps": t.steps, "train_seconds": round(train_seconds, 2),
-               "images_per_second": round(seen / max(train_seconds, 1e-9), 2)}
-    metrics.update({f"final_{k}": v for k, v in last.items()})
+               "images_per_second": round(run["seen"] / max(train_seconds, 1e-9), 2)}
+    metrics.update({f"final_{k}": v for k, v in run["last"].items()})
     if rt.is_main:
         save_model_folder(rt.out / "model", {k: v for k, v in final.state_dict().items()}, model_config)
         sigma = cfg.data.noise_std if cfg.data.noise == "gaussian" else (2.0 / train.levels) / math.sqrt(12.0)
