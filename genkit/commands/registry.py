@@ -49,6 +49,12 @@ def _distill(path):
     return C.load(DistillRecipe, path)
 
 
+def _rl(path):
+    from genkit.dllm.rl.train import RLRecipe
+
+    return C.load(RLRecipe, path, ["init=."])  # the run to start from is given on the command line
+
+
 # recipes/<folder> -> loader(path) that raises ConfigError on a bad recipe
 RECIPE_CONFIGS = {
     "train-dllm": _train_dllm,
@@ -58,4 +64,5 @@ RECIPE_CONFIGS = {
     "train-diffusion": _diffusion,
     "recaption": _recaption,
     "distill": _distill,
+    "rl": _rl,
 }
