@@ -17,6 +17,7 @@ from genkit.commands import decode as decode_cmd
 from genkit.commands import distill as distill_cmd
 from genkit.commands import eval as eval_cmd
 from genkit.commands import recaption as recaption_cmd
+from genkit.commands import rl as rl_cmd
 from genkit.commands import sample as sample_cmd
 from genkit.commands import train_ae as train_ae_cmd
 from genkit.commands import train_diffusion as train_diffusion_cmd
@@ -40,6 +41,7 @@ COMMANDS = {
     "train-diffusion": train_diffusion_cmd.train_diffusion,
     "train-dllm": train_dllm_cmd.train_dllm,
     "distill": distill_cmd.distill,
+    "rl": rl_cmd.rl,
     "sample": sample_cmd.sample,
     "decode": decode_cmd.decode,
     "recaption": recaption_cmd.recaption,

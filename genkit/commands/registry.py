@@ -55,6 +55,12 @@ def _train_ae(path):
     return C.load(AERecipe, path)
 
 
+def _rl(path):
+    from genkit.dllm.rl.train import RLRecipe
+
+    return C.load(RLRecipe, path, ["init=."])  # the run to start from is given on the command line
+
+
 # recipes/<folder> -> loader(path) that raises ConfigError on a bad recipe
 RECIPE_CONFIGS = {
     "train-dllm": _train_dllm,
@@ -65,4 +71,5 @@ RECIPE_CONFIGS = {
     "train-diffusion": _diffusion,
     "recaption": _recaption,
     "distill": _distill,
+    "rl": _rl,
 }

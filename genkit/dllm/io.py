@@ -132,6 +132,20 @@ def load_dllm(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = 
     return model, tok, info
 
 
+def write_model_folder(folder: str | os.PathLike, model, tok, info: dict) -> Path:
+    """A model folder: config.json + model.safetensors (`save_pretrained`), the tokenizer (genkit's
+    tokenizer.json or the Hugging Face files) and genkit.json = `info` (what `genkit decode` uses as defaults)."""
+    from genkit.runtime import atomic_write_json
+
+    folder = model.save_pretrained(folder)
+    if hasattr(tok, "save"):
+        tok.save(folder)
+    else:  # a Hugging Face tokenizer: copy its files next to the model
+        tok.tok.save_pretrained(str(folder))
+    atomic_write_json(Path(folder) / INFO_FILE, info)
+    return Path(folder)
+
+
 DREAM_STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|dlm_pad|>")
 
 

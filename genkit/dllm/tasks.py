@@ -294,6 +294,88 @@ def _grade_rg(row: dict, output: str) -> dict:
     return {"correct": score >= 1.0, "score": score}
 
 
+# ------------------------------------------------------------------------------------------- pyfunc
+PYFUNC_FAMILIES = ("affine", "square", "mod", "maxmin", "abs", "floordiv")
+
+
+def _signed(c: int) -> str:
+    return f"+{c}" if c > 0 else (f"-{-c}" if c < 0 else "")
+
+
+def pyfunc_function(family: str, rng: random.Random) -> tuple[str, Callable[[int], int]]:
+    """A random member of one family: (the expression in canonical form, the function it computes)."""
+    if family == "affine":  # a*x+b, a in +-1..3, b in -5..5
+        a, b = rng.choice([-3, -2, -1, 1, 2, 3]), rng.randint(-5, 5)
+        return {1: "x", -1: "-x"}.get(a, f"{a}*x") + _signed(b), lambda x: a * x + b
+    if family == "square":  # x*x+c
+        c = rng.randint(-5, 5)
+        return "x*x" + _signed(c), lambda x: x * x + c
+    if family == "mod":  # Python's modulo: non-negative for a positive divisor
+        m = rng.randint(2, 7)
+        return f"x%{m}", lambda x: x % m
+    if family == "maxmin":
+        op, c = rng.choice(["max", "min"]), rng.randint(-5, 5)
+        return f"{op}(x,{c})", (lambda x: max(x, c)) if op == "max" else (lambda x: min(x, c))
+    if family == "abs":  # abs(x-c)
+        c = rng.randint(-5, 5)
+        return f"abs(x{_signed(-c)})", lambda x: abs(x - c)
+    if family == "floordiv":  # Python's floor division (rounds towards minus infinity)
+        d = rng.randint(2, 5)
+        return f"x//{d}", lambda x: x // d
+    raise ConfigError(f"pyfunc: unknown family {family!r}; choose from {', '.join(PYFUNC_FAMILIES)}")
+
+
+def _pyfunc(n_train, n_test, seed, *, examples=4, tests=8, x_range=9, test_range=20, families=PYFUNC_FAMILIES):
+    bad = [f for f in families if f not in PYFUNC_FAMILIES]
+    if bad or not families:
+        raise ConfigError(f"pyfunc: families {bad or '[]'} are not in {', '.join(PYFUNC_FAMILIES)}")
+    if not 1 <= examples <= 2 * x_range + 1 or not 1 <= tests <= 2 * test_range + 1 - examples:
+        raise ConfigError(f"pyfunc: examples={examples} / tests={tests} do not fit x_range={x_range} / "
+                          f"test_range={test_range}")
+
+    def rows(n, rng, split, avoid):
+        out, seen = [], set()
+        while len(out) < n:
+            family = rng.choice(list(families))
+            expr, fn = pyfunc_function(family, rng)
+            xs = rng.sample(range(-x_range, x_range + 1), examples)
+            prompt = ";".join(f"f({x})={fn(x)}" for x in xs)
+            if prompt in avoid or prompt in seen:
+                continue
+            seen.add(prompt)
+            hidden = rng.sample([x for x in range(-test_range, test_range + 1) if x not in xs], tests)
+            out.append({"id": f"{split}-{len(out)}", "task": "pyfunc", "prompt": prompt, "answer": f"return {expr}",
+                        "meta": {"family": family, "tests": [f"assert f({x}) == {fn(x)}" for x in hidden]}})
+        return out, seen
+
+    train, seen = rows(n_train, random.Random(seed), "train", set())
+    test, _ = rows(n_test, random.Random(seed + 1), "test", seen)
+    return train, test
+
+
+PYFUNC_HEADER = "def f(x):\n    "
+
+
+def pyfunc_job(row: dict, output: str) -> tuple[str, list[str]]:
+    """The program and hidden asserts the sandbox runs for one pyfunc output: `def f(x):` + the output line."""
+    return PYFUNC_HEADER + output.strip() + "\n", list(row["meta"]["tests"])
+
+
+def sandbox_grade(passed: list[bool]) -> dict:
+    """Grade of a sandboxed program: correct when every hidden assert passes; score = share that pass."""
+    return {"correct": bool(passed) and all(passed), "score": sum(passed) / max(1, len(passed))}
+
+
+def _grade_pyfunc(row: dict, output: str) -> dict:
+    from genkit.eval.sandbox import run_tests
+
+    program, tests = pyfunc_job(row, output)
+    return sandbox_grade(run_tests(program, tests, timeout=PYFUNC_TIMEOUT).passed)
+
+
+PYFUNC_TIMEOUT = 2.0  # seconds per program (each one evaluates a one-line expression 8 times)
+
+
 # ------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Task:
@@ -301,6 +383,9 @@ class Task:
     generate: Callable  # (n_train, n_test, seed, **options) -> (train rows, test rows)
     grade: Callable  # (row, output text) -> {"correct": bool, ...}
     doc: str
+    # tasks graded by running code: (row, output text) -> (program, tests) for genkit.eval.sandbox, so that
+    # many outputs can be run in parallel (`genkit rl`); `grade` runs one through the same sandbox
+    sandbox_job: Callable | None = None
 
 
 TASKS = {
@@ -314,6 +399,9 @@ TASKS = {
     "basic_arithmetic": Task("basic_arithmetic", _reasoning_gym("basic_arithmetic"), _grade_rg,
                              "reasoning-gym basic_arithmetic (two terms of 1-2 digits, + and -)"),
     "countdown": Task("countdown", _reasoning_gym("countdown"), _grade_rg, "reasoning-gym countdown (3 numbers)"),
+    "pyfunc": Task("pyfunc", _pyfunc, _grade_pyfunc, "a one-line `return <expr>` from 4 input/output examples "
+                   "(affine, square, mod, max/min, abs, floordiv), graded by 8 hidden asserts in the sandbox",
+                   sandbox_job=pyfunc_job),
 }
 
 

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from genkit.config import field, to_dict
 from genkit.data.batches import batch_indices, step_generator
 from genkit.errors import ConfigError
-from genkit.runtime import EMA, Runtime, RuntimeConfig, atomic_write_json
+from genkit.runtime import EMA, Runtime, RuntimeConfig
 from genkit.runtime.loop import batch_problems, warmup_cosine_lr
 
-from .io import INFO_FILE, read_jsonl, sft_tensors, write_jsonl
+from .io import read_jsonl, sft_tensors, write_jsonl, write_model_folder
 from .model import LLaDAConfig, LLaDAModel
 
 
@@ -298,14 +298,9 @@ def train_dllm(cfg: DLLMRecipe, out: str | Path, *, quiet: bool = False) -> dict
                "rows_per_second": round((done - start) * t.batch_size / max(train_seconds, 1e-9), 2)}
     metrics.update({f"final_{k}": v for k, v in last.items()})
     if rt.is_main:
-        folder = final.save_pretrained(rt.out / "model")
-        if hasattr(tok, "save"):
-            tok.save(folder)
-        else:  # a Hugging Face tokenizer: copy its files next to the model
-            tok.tok.save_pretrained(str(folder))
-        atomic_write_json(folder / INFO_FILE, {"task": cfg.data.task or None, "gen_length": G, "block_length": G,
-                                               "prompt_length": P, "chat": cfg.data.chat,
-                                               "recipe": to_dict(cfg)})
+        write_model_folder(rt.out / "model", final, tok, {
+            "task": cfg.data.task or None, "gen_length": G, "block_length": G, "prompt_length": P,
+            "chat": cfg.data.chat, "recipe": to_dict(cfg)})
         if cfg.eval.n and test:
             metrics.update(evaluate(final, tok, test[:cfg.eval.n], cfg.eval, G))
     rt.write_metrics(metrics)

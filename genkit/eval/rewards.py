@@ -114,10 +114,14 @@ def task_reward(completion: str, row: dict, grader: str = "auto") -> float:
     scorers), else 1.0 if correct, 0.0 otherwise (genkit.dllm.tasks.grade_row)."""
     from genkit.dllm.tasks import grade_row
 
-    g = grade_row(row, completion, grader)
-    if "score" in g and g["score"] is not None:
-        return float(g["score"])
-    return 1.0 if g.get("correct") else 0.0
+    return grade_reward(grade_row(row, completion, grader))
+
+
+def grade_reward(grade: dict) -> float:
+    """A task grade as a reward: its ``score`` when it has one, else 1.0 if ``correct``, 0.0 otherwise."""
+    if grade.get("score") is not None:
+        return float(grade["score"])
+    return 1.0 if grade.get("correct") else 0.0
 
 
 def task_rewards(completions: Sequence[str], rows: Sequence[dict], grader: str = "auto") -> list[float]:

@@ -2,6 +2,7 @@
 
 - ``model/config.json`` + ``model/model.safetensors``: the weights as an HF-style folder;
 - ``ema.safetensors``: the EMA weights (when the run keeps an EMA);
+- ``<name>.safetensors``: other modules the loop keeps beside the model (``extra``: RL's reference policy);
 - ``state/``: optimizer and RNG states through Accelerate's ``save_state`` (safetensors for weights;
   loaded back with ``weights_only=True``);
 - ``meta.json``: the step and loop state, written last.
@@ -66,7 +67,7 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return find_latest_checkpoint(self.root)
 
-    def save(self, rt, step: int, model, optimizer, *, config: dict, ema=None, meta=None) -> Path:
+    def save(self, rt, step: int, model, optimizer, *, config: dict, ema=None, meta=None, extra=None) -> Path:
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".step-{step:08d}.tmp"
         if rt.is_main:
@@ -81,6 +82,8 @@ class CheckpointManager:
             save_model_folder(tmp / "model", sd, config)
             if ema is not None:
                 save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
+            for name, module in (extra or {}).items():
+                save_safetensors(module.state_dict(), tmp / f"{name}.safetensors")
             atomic_write_json(tmp / "meta.json", {"step": step, "saved_at": time.time(), **(meta or {})})
             if final.exists():
                 shutil.rmtree(final)
@@ -96,7 +99,7 @@ class CheckpointManager:
         for p in self.root.glob(".step-*.tmp"):  # leftovers of a killed save
             shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, rt, path: str | Path, model, optimizer, *, ema=None) -> dict:
+    def load(self, rt, path: str | Path, model, optimizer, *, ema=None, extra=None) -> dict:
         path = Path(path)
         if not (path / "meta.json").is_file() or not (path / "state").is_dir():
             raise RunError(f"'{path}' is not a complete genkit checkpoint (no meta.json or state/)")
@@ -107,6 +110,10 @@ class CheckpointManager:
         if ema is not None:
             if (path / "ema.safetensors").is_file():
                 ema.load_state_dict(load_safetensors(path / "ema.safetensors"))
+        for name, module in (extra or {}).items():
+            if not (path / f"{name}.safetensors").is_file():
+                raise RunError(f"checkpoint '{path}' has no {name}.safetensors: it was not written by this command")
+            module.load_state_dict(load_safetensors(path / f"{name}.safetensors"))
         meta = json.loads((path / "meta.json").read_text())
         meta["path"] = str(path)
         return meta

@@ -220,11 +220,13 @@ class Runtime:
         return Progress(total, initial=initial, description=description, enabled=self.is_main and not self.quiet)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, model, optimizer=None, *, config: dict, ema=None, meta=None) -> Path | None:
-        """A complete checkpoint at ``step`` (all processes must call this)."""
-        return self.checkpoints.save(self, step, model, optimizer, config=config, ema=ema, meta=meta)
+    def save_checkpoint(self, step: int, model, optimizer=None, *, config: dict, ema=None, meta=None,
+                        extra=None) -> Path | None:
+        """A complete checkpoint at ``step`` (all processes must call this); ``extra`` = {name: module} saved
+        beside the model (e.g. RL's reference policy) and restored by ``resume(..., extra=...)``."""
+        return self.checkpoints.save(self, step, model, optimizer, config=config, ema=ema, meta=meta, extra=extra)
 
-    def resume(self, model, optimizer=None, *, ema=None) -> dict | None:
+    def resume(self, model, optimizer=None, *, ema=None, extra=None) -> dict | None:
         """Restore from ``runtime.resume``; returns the checkpoint's meta (with ``step``) or None when fresh."""
         mode = self.cfg.resume
         if mode == "never":
@@ -235,4 +237,4 @@ class Runtime:
         path = self.checkpoints.latest() if mode == "auto" else Path(mode)
         if path is None:
             return None
-        return self.checkpoints.load(self, path, model, optimizer, ema=ema)
+        return self.checkpoints.load(self, path, model, optimizer, ema=ema, extra=extra)

@@ -115,3 +115,28 @@ def test_gsm8k_extraction():
     assert grade_row({"answer": "1,000"}, "\\boxed{1000}", "gsm8k")["correct"]
     with pytest.raises(ConfigError, match="unknown grader"):
         grade_row(row, "x", "bleu")
+
+
+def test_pyfunc_rows_and_sandbox_grading():
+    """pyfunc: 4 examples in the prompt, `return <expr>` answers that pass their own hidden asserts, a test split
+    disjoint from training prompts; outputs are graded by running them in the sandbox."""
+    from genkit.dllm.tasks import PYFUNC_FAMILIES, pyfunc_job
+
+    train, test = make_task_data("pyfunc", 600, 40, seed=0)
+    again, _ = make_task_data("pyfunc", 600, 40, seed=0)
+    assert train == again and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert {r["meta"]["family"] for r in train} == set(PYFUNC_FAMILIES)
+    for r in train[:50]:
+        assert r["prompt"].count("f(") == 4 and r["answer"].startswith("return ")
+        assert len(r["meta"]["tests"]) == 8 and all(t.startswith("assert f(") for t in r["meta"]["tests"])
+        shown = dict(p[2:].split(")=") for p in r["prompt"].split(";"))
+        assert len(shown) == 4
+        program, tests = pyfunc_job(r, r["answer"])
+        assert program == f"def f(x):\n    {r['answer']}\n" and tests == r["meta"]["tests"]
+    row = next(r for r in test if r["meta"]["family"] == "affine")
+    assert grade_row(row, row["answer"]) == {"correct": True, "score": 1.0}
+    assert grade_row(row, "return x*0+12345") == {"correct": False, "score": 0.0}
+    assert not grade_row(row, "import os\nos._exit(0)")["correct"]  # does not even parse after `def f(x):`
+    assert not grade_row(row, "return (__import__('os')._exit(0))")["correct"]  # exits before any marker
+    with pytest.raises(ConfigError, match="families"):
+        make_task_data("pyfunc", 5, 0, families=["cubic"])
