@@ -19,6 +19,7 @@ from genkit.commands import eval as eval_cmd
 from genkit.commands import recaption as recaption_cmd
 from genkit.commands import rl as rl_cmd
 from genkit.commands import sample as sample_cmd
+from genkit.commands import train_ae as train_ae_cmd
 from genkit.commands import train_diffusion as train_diffusion_cmd
 from genkit.commands import train_dllm as train_dllm_cmd
 from genkit.commands import train_flow as train_flow_cmd
@@ -36,6 +37,7 @@ app = typer.Typer(
 # name -> command function (only commands that work are registered)
 COMMANDS = {
     "train-flow": train_flow_cmd.train_flow,
+    "train-ae": train_ae_cmd.train_ae,
     "train-diffusion": train_diffusion_cmd.train_diffusion,
     "train-dllm": train_dllm_cmd.train_dllm,
     "distill": distill_cmd.distill,

@@ -31,7 +31,12 @@ def bpd(
     from genkit.flows.train import flow_log_prob
     from genkit.runtime import atomic_write_json
 
-    model, _ = load_flow(ckpt)
+    from genkit.errors import ConfigError
+
+    model, info = load_flow(ckpt)
+    if info.get("latent") or info.get("text"):
+        raise ConfigError(f"'{ckpt}' is a STARFlow in an autoencoder's latent space or conditioned on text: bits/dim "
+                          "of pixels does not apply (its metrics.json has test_nll, nats/dim of the noisy latents)")
     d = load_images(data, split, seed=split_seed)
     if model.config.num_classes == 0:
         d.labels = None

@@ -49,6 +49,12 @@ def _distill(path):
     return C.load(DistillRecipe, path)
 
 
+def _train_ae(path):
+    from genkit.ae.train import AERecipe
+
+    return C.load(AERecipe, path)
+
+
 def _rl(path):
     from genkit.dllm.rl.train import RLRecipe
 
@@ -60,6 +66,7 @@ RECIPE_CONFIGS = {
     "train-dllm": _train_dllm,
     "decode": _decode,
     "train-flow": _flow,
+    "train-ae": _train_ae,
     "mixtures": _mixture,
     "train-diffusion": _diffusion,
     "recaption": _recaption,

@@ -39,6 +39,14 @@ class FlowSampleConfig:
     temperature: float = field(1.0, help="prior temperature: z ~ N(0, T^2 I)", min=0.0)
     seed: int = field(0, help="sampling seed")
     batch_size: int = field(256, help="samples per reverse pass", min=1)
+    guidance_kind: Literal["starflow", "tarflow"] = field("starflow", help="STARFlow models: starflow (the Gaussian "
+                                                          "guidance of arXiv 2506.06276, official cfg 2.5) or tarflow "
+                                                          "(extrapolate log-scale and shift), in the deep block only")
+    prompt: list[str] = field(default_factory=list, help="text STARFlows: prompts, cycled over the samples "
+                              "(default: the first training template with each class name)")
+    ae: str = field("", help="latent STARFlows: decode with this AutoencoderKL folder instead of the training one "
+                    "(e.g. a decoder fine-tuned by genkit train-ae mode=finetune-decoder; then leave denoise=false)",
+                    exists=True)
 
     def validate(self) -> list[str]:
         if self.cfg < 0 and not self.negative_cfg:
@@ -65,6 +73,9 @@ def sample(
 
     Unconditional flows: genkit sample --ckpt runs/digits --n 64 cfg=1 --out runs/digits/cfg1
 
+    STARFlow: genkit sample --ckpt runs/sf-text --n 16 prompt="[a handwritten digit seven]" cfg=2.5 denoise=true
+    (latent flows decode with their autoencoder, or with ae=DIR)
+
     Denoisers: genkit sample --model runs/edm-digits sampler=tada nfe=10 --n 64 --out runs/tada10
     """
     if (ckpt is None) == (model is None):
@@ -85,25 +96,47 @@ def sample(
 
     from genkit.data.grid import save_grid, save_samples_npz
     from genkit.flows.io import load_flow
-    from genkit.flows.train import default_attn_temp, sample_flow
+    from genkit.flows.train import default_attn_temp, latents_to_images, sample_flow
     from genkit.runtime import Progress, atomic_write_json, software_versions
 
     model_, info = load_flow(ckpt)
+    nc = model_.config.num_classes
+    text, codec = info.get("text"), _latent_codec(model_, info, cfg)
+    if cfg.prompt and not text:
+        what = "class-conditional (labels 0..K-1)" if nc else "not text-conditioned"
+        raise ConfigError(f"prompt: this flow is {what}; prompts need a STARFlow trained with text.encoder")
     sigma = 0.0
     if cfg.denoise:
         sigma = flow_denoise_sigma(cfg, info)
+    prompts, states, prompt_labels = list(cfg.prompt), None, None
+    if text:
+        from genkit.models.text import encode_states, template_prompts
+
+        if not prompts and not text.get("templates"):
+            raise ConfigError("prompt: this flow was trained on its images' captions; give prompt=[...]")
+        if not prompts:  # the first training template with every class name: the samples have labels
+            prompts, prompt_labels = template_prompts(text["class_names"], text["templates"][:1])
+        states = encode_states(prompts + [""], text["max_length"], encoder=text["encoder"]).hidden  # "" last
     t0 = time.time()
     xs, ys = [], []
-    nc = model_.config.num_classes
     stats: dict = {}
     with Progress(math.ceil(n / cfg.batch_size), description="sample", enabled=not quiet, unit="batch") as bar:
         for i in range(0, n, cfg.batch_size):
             m = min(cfg.batch_size, n - i)
-            labels = (torch.arange(i, i + m) % nc) if nc else None
-            x = sample_flow(model_, m, seed=cfg.seed + i, guidance=cfg.cfg, labels=labels,
+            rows = torch.arange(i, i + m)
+            labels = (rows % nc) if nc else None
+            txt = txt_null = None
+            if states is not None:
+                txt, txt_null = states[rows % len(prompts)], states[-1:].expand(m, -1, -1)
+                if prompt_labels is not None:
+                    labels = torch.tensor(prompt_labels)[rows % len(prompts)]
+            x = sample_flow(model_, m, seed=cfg.seed + i, guidance=cfg.cfg, labels=labels if nc else None,
                             temperature=cfg.temperature, attn_temp=cfg.attn_temp or None, guide_what=cfg.guide_what,
-                            annealed=cfg.cfg_schedule == "annealed", denoise_sigma=sigma,
-                            resample_nonfinite=cfg.resample_nonfinite, stats=stats)
+                            annealed=cfg.cfg_schedule == "annealed", denoise_sigma=0.0 if codec else sigma,
+                            resample_nonfinite=cfg.resample_nonfinite, stats=stats, txt=txt, txt_null=txt_null,
+                            guidance_kind=cfg.guidance_kind, clamp=codec is None)
+            if codec is not None:  # latent flow: Tweedie on the latent (denoise=true), then decode
+                x = latents_to_images(model_, x, codec, sigma=sigma, labels=labels if nc else None, txt=txt)
             xs.append(x)
             if labels is not None:
                 ys.append(labels)
@@ -118,11 +151,29 @@ def sample(
     seconds = time.time() - t0
     atomic_write_json(out / "metrics.json", {"n": n, "seconds": round(seconds, 3), "samples_per_second": n / seconds,
                                              "ckpt": str(ckpt), **{k: getattr(cfg, k) for k in vars(cfg)},
+                                             "prompts": prompts,
                                              "attn_temp_used": cfg.attn_temp or default_attn_temp(model_),
                                              "denoise_sigma": sigma, "non_finite_samples": stats["non_finite"],
                                              "redrawn_samples": stats["redrawn"],
                                              "versions": software_versions()})
     typer.echo(f"samples: {out / 'samples.png'}  ({n} in {seconds:.1f}s)")
+
+
+def _latent_codec(model, info: dict, cfg: FlowSampleConfig):
+    """The autoencoder that decodes a latent STARFlow's samples (``ae=`` or the training one), else None."""
+    latent = info.get("latent")
+    if not latent:
+        if cfg.ae:
+            raise ConfigError("ae: this flow models pixels; ae= applies to latent STARFlows only")
+        return None
+    from genkit.models.autoencoder import load_codec
+
+    folder = cfg.ae or latent["ae"]
+    codec, _ = load_codec(folder, scaling_factor=latent["scaling_factor"])
+    if codec.latent_channels != model.config.channels:
+        raise ConfigError(f"ae: '{folder}' has {codec.latent_channels} latent channels, the flow models "
+                          f"{model.config.channels}")
+    return codec
 
 
 def flow_denoise_sigma(cfg: FlowSampleConfig, info: dict) -> float:

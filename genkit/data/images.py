@@ -9,7 +9,8 @@ Sources (all offline):
 - ``fashion-mnist``: the Debian package ``dataset-fashion-mnist`` (60k train / 10k test, 28x28, 256
   levels); its official split.
 - a folder of images (``path/to/folder``): PNG/JPEG/WebP files, resized to ``image_size``; one
-  sub-folder per class gives labels; a seeded 90/10 split.
+  sub-folder per class gives labels; a ``NAME.txt`` beside every ``NAME.png`` gives captions (text-conditioned
+  STARFlow, ``text.source=captions``); a seeded 90/10 split.
 
 Pixel convention: an image with ``levels`` grey levels stores integers k in {0..levels-1};
 :func:`to_unit` maps them to ``(k + 0.5) / levels * 2 - 1`` for display and noise-augmented training,
@@ -43,6 +44,7 @@ class ImageData:
     num_classes: int
     name: str
     class_names: list[str] | None = None
+    captions: list[str] | None = None  # one per image (folder sources with NAME.txt sidecar files)
 
     def __len__(self) -> int:
         return self.ints.shape[0]
@@ -58,7 +60,26 @@ class ImageData:
     def subset(self, idx) -> "ImageData":
         idx = torch.as_tensor(idx, dtype=torch.long)
         lab = self.labels[idx] if self.labels is not None else None
-        return ImageData(self.ints[idx], lab, self.levels, self.num_classes, self.name, self.class_names)
+        caps = [self.captions[i] for i in idx.tolist()] if self.captions is not None else None
+        return ImageData(self.ints[idx], lab, self.levels, self.num_classes, self.name, self.class_names, caps)
+
+    def padded(self, size: int) -> "ImageData":
+        """Images centred on a ``size`` x ``size`` canvas of level 0 (the background of the digit sources), e.g.
+        MNIST 28 -> 32 so that an autoencoder with 2^k downsampling fits; ``crop_to`` undoes it."""
+        h, w = self.shape[1:]
+        if size < max(h, w) or (size - h) % 2 or (size - w) % 2:
+            raise ConfigError(f"data.pad_to: cannot centre {h}x{w} images on a {size}x{size} canvas "
+                              "(need a size >= the image with an even margin)")
+        top, left = (size - h) // 2, (size - w) // 2
+        ints = torch.nn.functional.pad(self.ints, (left, size - w - left, top, size - h - top), value=0)
+        return ImageData(ints, self.labels, self.levels, self.num_classes, self.name, self.class_names, self.captions)
+
+
+def crop_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre ``size`` x ``size`` crop of (N, C, H, W) images (undoes ``ImageData.padded``)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
 
 
 def _split(n: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,6 +143,8 @@ def _folder(path: Path, split: str, seed: int, image_size: int | None, channels:
     labelled = bool(subdirs) and all(p.parent != path for p in files)
     mode = "L" if channels == 1 else "RGB"
     arrs, labels = [], []
+    caption_files = [p.with_suffix(".txt") for p in files]
+    has_captions = all(c.is_file() for c in caption_files)
     for p in files:
         try:
             with Image.open(p) as im:
@@ -142,7 +165,8 @@ def _folder(path: Path, split: str, seed: int, image_size: int | None, channels:
     n_test = max(1, len(x) // 10) if len(x) > 1 else 0
     tr, te = _split(len(x), n_test, seed)
     idx = {"train": tr, "test": te, "all": np.arange(len(x))}[split]
-    sub = ImageData(x, y, 256, len(subdirs) if labelled else 0, str(path), subdirs if labelled else None)
+    caps = [c.read_text(errors="replace").strip() for c in caption_files] if has_captions else None
+    sub = ImageData(x, y, 256, len(subdirs) if labelled else 0, str(path), subdirs if labelled else None, caps)
     return sub.subset(idx)
 
 

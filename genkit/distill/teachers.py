@@ -141,7 +141,7 @@ class Conditioning:
     """Draws the conditioning of a batch and its unconditional ("null") counterpart.
 
     kinds: ``none``; ``class`` (labels 0..K-1, null = K); ``text-class`` (template prompts routed to the
-    nearest class caption, see ``genkit.distill.text``); ``text`` (MiniLM embeddings as a one-token
+    nearest class caption, see ``genkit.models.text``); ``text`` (MiniLM embeddings as a one-token
     ``encoder_hidden_states``, null = the embedding of "")."""
 
     def __init__(self, kind: str, num_classes: int = 0, prompts=None, prompt_labels=None, table=None,
@@ -199,7 +199,7 @@ class Conditioning:
 
 
 def build_conditioning(setup: Setup, cfg) -> Conditioning:
-    from genkit.distill import text as T
+    from genkit.models import text as T
 
     kind = cfg.cond.kind
     cond_ok = setup.num_classes > 0 or setup.cross_attention_dim > 0

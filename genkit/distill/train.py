@@ -33,7 +33,7 @@ from genkit.config import field
 from genkit.data.batches import batch_indices, step_generator
 from genkit.distill.nets import OneStepGenerator, trainable_copy
 from genkit.distill.sid import SiDLoss, guided
-from genkit.distill.text import DEFAULT_TEMPLATES
+from genkit.models.text import DEFAULT_TEMPLATES
 from genkit.errors import ConfigError
 from genkit.runtime import EMA, Runtime, RuntimeConfig
 from genkit.runtime.loop import batch_problems

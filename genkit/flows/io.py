@@ -29,11 +29,15 @@ def load_flow(path: str | Path, device="cpu"):
     except json.JSONDecodeError as e:
         raise ConfigError(f"'{folder / 'config.json'}' is not valid JSON ({e})") from None
     kind = cfg.get("model_type")
-    if kind != "tarflow":
-        raise ConfigError(f"'{folder}' is a '{kind}' model, not a flow genkit can sample (expected model_type tarflow)")
-    from genkit.flows.tarflow import TarFlow
+    if kind not in ("tarflow", "starflow"):
+        raise ConfigError(f"'{folder}' is a '{kind}' model, not a flow genkit can sample (expected model_type "
+                          "tarflow or starflow)")
+    if kind == "starflow":
+        from genkit.flows.starflow import StarFlow as cls
+    else:
+        from genkit.flows.tarflow import TarFlow as cls
 
-    model = TarFlow.from_pretrained(folder).to(device).eval()
+    model = cls.from_pretrained(folder).to(device).eval()
     info_path = folder / "data.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     return model, info

@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkit.errors import ConfigError
+from genkit.flows.switches import INV_SOFTPLUS_1, BlockSwitches, RMSNorm, apply_rope, guide, rope_angles
 
 MODEL_TYPE = "tarflow"
+__all__ = ["TarFlow", "TarFlowConfig", "MetaBlock", "BlockSwitches", "guide", "denoise", "drop_labels"]
 
 
 @dataclass
@@ -118,10 +120,12 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = dim // head_dim, head_dim
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, temp: float = 1.0, cache: dict | None = None):
+    def forward(self, x, mask=None, temp: float = 1.0, cache: dict | None = None, angles=None):
         B, T, C = x.shape
         h = _layer_norm(self.norm, x)  # (B, T, C)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(h).split(C, -1))
+        if angles is not None:  # RoPE (STARFlow switch): rotate the queries and the new keys by their positions
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
         if cache is not None:  # append this step's keys/values to those of the earlier tokens
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, S, hd)
@@ -150,8 +154,8 @@ class AttentionBlock(nn.Module):
         self.mlp = MLP(dim, expansion)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, temp: float = 1.0, cache: dict | None = None):
-        x = x + self.attention(x, mask, temp, cache)  # (B, T, C)
+    def forward(self, x, mask=None, temp: float = 1.0, cache: dict | None = None, angles=None):
+        x = x + self.attention(x, mask, temp, cache, angles)  # (B, T, C)
         return x + self.drop(self.mlp(x))  # (B, T, C)
 
 
@@ -161,19 +165,32 @@ class MetaBlock(nn.Module):
     If `flip`, the block reverses the token order on the way in and restores it on the way out (the official
     `PermutationFlip`, used by every odd block), so every block maps tokens in natural order to tokens in
     natural order, and the composition of the blocks is never left flipped. The learned positional embedding
-    is flipped with the tokens, so each embedding stays tied to its image location."""
+    is flipped with the tokens, so each embedding stays tied to its image location.
 
-    def __init__(self, cfg: TarFlowConfig, flip: bool):
+    `switches` (STARFlow, see `BlockSwitches`) change the block the way the official STARFlow `MetaBlock` does:
+    a learned start token (`sos`: the sequence fed to the Transformer is [sos, x_0, ..., x_{T-2}], row t predicts
+    token t, no zero shift), sigma = softplus(a + log(e - 1)) (`softplus`), c tanh(out / c) on the output
+    projection (`soft_clip`), an RMSNorm before it (`final_norm`), rotary positions in place of `pos_embed`
+    (`rope`; positions are those of the sequence index, unflipped, as in the official code), and text hidden
+    states projected by `proj_txt` and prepended to the causal sequence (`txt_dim`; their outputs are dropped).
+    `predict` returns the log-scale log(sigma) (TarFlow's alpha) and mu in both parameterisations."""
+
+    def __init__(self, cfg: TarFlowConfig, flip: bool, switches: BlockSwitches = BlockSwitches()):
         super().__init__()
         C, D, T = cfg.channels_model, cfg.token_dim, cfg.num_patches
-        self.flip = flip
+        self.flip, self.sw = flip, switches
+        self.side, self.head_dim = int(round(math.sqrt(T))), cfg.head_dim
         self.proj_in = nn.Linear(D, C)
-        self.pos_embed = nn.Parameter(torch.randn(T, C) * 1e-2)  # (T, C)
+        # rope replaces the learned positions (official: pos_embed is None with use_rope)
+        self.pos_embed = None if switches.rope else nn.Parameter(torch.randn(T, C) * 1e-2)  # (T, C)
+        self.sos_embed = nn.Parameter(torch.randn(1, 1, D)) if switches.sos else None  # official init: randn
+        self.proj_txt = nn.Linear(switches.txt_dim, C) if switches.txt_dim else None
         # K embeddings; the null label uses their mean (official code), so no (K+1)-th row.
         self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, C) * 1e-2) if cfg.num_classes else None
         self.attn_blocks = nn.ModuleList(
             AttentionBlock(C, cfg.head_dim, cfg.expansion, cfg.dropout) for _ in range(cfg.layers_per_block)
         )
+        self.final_norm = RMSNorm(C) if switches.final_norm else None
         self.nvp = cfg.nvp
         self.proj_out = nn.Linear(C, 2 * D if cfg.nvp else D)  # (alpha, mu) or mu only
         # The official code zeroes only the weight and keeps PyTorch's random bias, so its flow starts as a
@@ -196,56 +213,109 @@ class MetaBlock(nn.Module):
         emb = self.class_embed[torch.where(is_null, 0, y)]  # (B, 1, C)
         return torch.where(is_null.view(-1, 1, 1), null, emb)  # (B, 1, C)
 
-    def predict(self, x, pos, y, mask=None, temp: float = 1.0, caches=None):
-        """Transformer on (permuted) tokens x (B, S, D) at positions pos (S, C): returns alpha, mu (B, S, D),
-        where row s is computed from tokens <= s (the caller shifts it to predict token s+1)."""
-        h = self.proj_in(x) + pos + self.class_embedding(y)  # (B, S, C)
+    def angles(self, start: int, stop: int, text_len: int = 0):
+        """RoPE angles of sequence positions start..stop-1, preceded by `text_len` text positions; None if off."""
+        if not self.sw.rope:
+            return None
+        return rope_angles(self.head_dim, self.side, torch.arange(start, stop),
+                           torch.arange(text_len) if text_len else None, text_len, self.sw.rope_text)
+
+    def predict(self, x, pos, y, mask=None, temp: float = 1.0, caches=None, txt=None, angles=None):
+        """Transformer on (permuted) tokens x (B, S, D) at positions pos (S, C) (None with rope): returns the
+        log-scale and mu (B, S, D), where row s is computed from tokens <= s (and the text states `txt` (B, L, E)
+        prepended when given); without the start token the caller shifts row s to predict token s+1."""
+        h = self.proj_in(x) + self.class_embedding(y)  # (B, S, C)
+        if pos is not None:
+            h = h + pos
+        n_txt = 0
+        if txt is not None:  # official: text tokens go first in the causal sequence of every layer
+            n_txt = txt.shape[1]
+            h = torch.cat([self.proj_txt(txt.to(h.dtype)), h], dim=1)  # (B, L + S, C)
         for i, layer in enumerate(self.attn_blocks):
-            h = layer(h, mask, temp, None if caches is None else caches[i])  # (B, S, C)
+            h = layer(h, mask, temp, None if caches is None else caches[i], angles)  # (B, L + S, C)
+        h = h[:, n_txt:]  # (B, S, C)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
         out = self.proj_out(h)  # (B, S, 2D) or (B, S, D)
+        if self.sw.soft_clip > 0:  # official `get_proj_out`: c * tanh(out / c) on both halves
+            out = self.sw.soft_clip * torch.tanh(out / self.sw.soft_clip)
         if not self.nvp:
             return torch.zeros_like(out), out
         alpha, mu = out.chunk(2, dim=-1)  # official order: first half alpha ("xa"), second half mu ("xb")
+        if self.sw.softplus:  # sigma = softplus(a + log(e - 1)); returned as log(sigma), in fp32
+            alpha = torch.log(F.softplus(_up(alpha) + INV_SOFTPLUS_1))
         return alpha, mu
 
-    def forward(self, x, y=None):
+    def prefill(self, txt, caches, temp: float = 1.0):
+        """Run the text states through the layers once to fill the KV caches (official `reverse_step_condition`)."""
+        h = self.proj_txt(txt.to(self.proj_in.weight.dtype))  # (B, L, C)
+        L = h.shape[1]
+        mask = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
+        for i, layer in enumerate(self.attn_blocks):
+            h = layer(h, mask, temp, caches[i], self.angles(0, 0, L))
+
+    def _inputs(self, x):
+        """The sequence the Transformer reads: [sos, x_0 .. x_{T-2}] with the start token, else x itself."""
+        if self.sos_embed is None:
+            return x
+        return torch.cat([self.sos_embed.expand(x.shape[0], -1, -1).to(x.dtype), x[:, :-1]], dim=1)  # (B, T, D)
+
+    def forward(self, x, y=None, txt=None):
         """x (B, T, D) -> z (B, T, D), logdet (B,) = -sum of alpha over tokens and dims."""
         x = self.permute(x)  # (B, T, D)
-        alpha, mu = self.predict(x, self.permute(self.pos_embed, 0), y, self.attn_mask)  # (B, T, D) each
-        # Shift by one token: row t predicts token t+1, token 0 gets (alpha, mu) = 0 and passes through.
-        alpha = torch.cat([torch.zeros_like(alpha[:, :1]), alpha[:, :-1]], dim=1)  # (B, T, D)
-        mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)  # (B, T, D)
+        T = x.shape[1]
+        L = 0 if txt is None else txt.shape[1]
+        mask = self.attn_mask if L == 0 else torch.ones(L + T, L + T, dtype=torch.bool, device=x.device).tril()
+        pos = None if self.pos_embed is None else self.permute(self.pos_embed, 0)
+        alpha, mu = self.predict(self._inputs(x), pos, y, mask, txt=txt, angles=self.angles(0, T, L))  # (B, T, D)
+        if self.sos_embed is None:
+            # Shift by one token: row t predicts token t+1, token 0 gets (alpha, mu) = 0 and passes through.
+            alpha = torch.cat([torch.zeros_like(alpha[:, :1]), alpha[:, :-1]], dim=1)  # (B, T, D)
+            mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)  # (B, T, D)
         z = (x - mu) * torch.exp(-_up(alpha)).type(x.dtype)  # (B, T, D)
         # Official: -alpha.mean(dim=[1, 2]) per block (a per-dimension log-det); genkit sums instead.
         return self.permute(z), -_up(alpha).sum(dim=(1, 2))  # (B, T, D), (B,)
 
     def reverse(self, z, y=None, guidance=0.0, guide_what="ab", attn_temp=1.0, annealed_guidance=False,
-                use_cache=True):
-        """Invert `forward` token by token: x_0 = z_0, x_{t+1} = z_{t+1} * exp(alpha_t) + mu_t."""
+                use_cache=True, *, txt=None, txt_null=None, guidance_kind="tarflow"):
+        """Invert `forward` token by token: x_0 = z_0, x_{t+1} = z_{t+1} * exp(alpha_t) + mu_t (with the start
+        token every x_t, t >= 0, is transformed). Guidance: see `guide`; the unconditional pass uses the null
+        label (class models) or the text states `txt_null` (of the empty caption) and attention temperature
+        `attn_temp`."""
         x = self.permute(z).clone()  # (B, T, D), filled in place
-        pos = self.permute(self.pos_embed, 0)  # (T, C)
-        T = x.shape[1]
-        guided = guidance != 0 and bool(guide_what)
-        n = len(self.attn_blocks)
+        pos = None if self.pos_embed is None else self.permute(self.pos_embed, 0)  # (T, C)
+        B, T, D = x.shape
+        guided = guidance != 0 and (bool(guide_what) or guidance_kind == "starflow")
+        if guided and txt is not None and txt_null is None:
+            raise ValueError("text guidance needs txt_null, the states of the empty caption")
+        n, L = len(self.attn_blocks), 0 if txt is None else txt.shape[1]
+        first = 0 if self.sos_embed is not None else 1  # first token the block transforms
         caches = {"cond": [{} for _ in range(n)], "uncond": [{} for _ in range(n)]} if use_cache else None
+        if use_cache and txt is not None:
+            self.prefill(txt, caches["cond"])
+            if guided:
+                self.prefill(txt_null, caches["uncond"], attn_temp)
 
-        def step(i, labels, temp, which):  # (alpha, mu) for token i+1, each (B, D)
-            if use_cache:  # feed only token i; earlier keys/values come from the cache
-                a, m = self.predict(x[:, i : i + 1], pos[i : i + 1], labels, None, temp, caches[which])
-            else:  # recompute the whole prefix 0..i under the causal mask
-                a, m = self.predict(x[:, : i + 1], pos[: i + 1], labels, self.attn_mask[: i + 1, : i + 1], temp)
+        def step(p, labels, text, temp, which):  # (log-scale, mu) of token p + first, each (B, D)
+            if use_cache:  # feed only the token at sequence position p; the rest comes from the cache
+                fed = self._inputs(x[:, : p + 1])[:, p : p + 1] if first == 0 else x[:, p : p + 1]
+                a, m = self.predict(fed, None if pos is None else pos[p : p + 1], labels, None, temp, caches[which],
+                                    angles=self.angles(p, p + 1))
+            else:  # recompute the whole prefix 0..p under the causal mask
+                mask = torch.ones(L + p + 1, L + p + 1, dtype=torch.bool, device=x.device).tril()
+                seq = self._inputs(x[:, : p + 1]) if first == 0 else x[:, : p + 1]
+                a, m = self.predict(seq, None if pos is None else pos[: p + 1], labels, mask, temp, txt=text,
+                                    angles=self.angles(0, p + 1, L))
             return a[:, -1], m[:, -1]
 
-        for i in range(T - 1):
-            alpha, mu = step(i, y, 1.0, "cond")  # (B, D) each
+        for t in range(first, T):
+            p = t - first  # sequence position of the token fed to predict token t
+            alpha, mu = step(p, y, txt, 1.0, "cond")  # (B, D) each
             if guided:  # classifier-free guidance, official `MetaBlock.reverse`
-                alpha_u, mu_u = step(i, None, attn_temp, "uncond")  # null label and attention temperature
-                g = guidance * (i + 1) / (T - 1) if annealed_guidance else guidance
-                if "a" in guide_what:
-                    alpha = alpha + g * (alpha - alpha_u)
-                if "b" in guide_what:
-                    mu = mu + g * (mu - mu_u)
-            x[:, i + 1] = x[:, i + 1] * torch.exp(_up(alpha)).type(x.dtype) + mu  # (B, D)
+                alpha_u, mu_u = step(p, None, txt_null, attn_temp, "uncond")  # null label and temperature
+                g = guidance * (p + 1) / (T - first) if annealed_guidance else guidance
+                alpha, mu = guide(alpha, mu, alpha_u, mu_u, g, guidance_kind, guide_what)
+            x[:, t] = x[:, t] * torch.exp(_up(alpha)).type(x.dtype) + mu  # (B, D)
         return self.permute(x)  # (B, T, D)
 
 
@@ -368,18 +438,20 @@ def drop_labels(y, p: float, num_classes: int, generator=None):
     return torch.where(drop, torch.full_like(y, num_classes), y)  # (B,)
 
 
-def denoise(model: TarFlow, x, y=None, sigma: float | None = None, *, step_scale: float = 1.0):
+def denoise(model: TarFlow, x, y=None, sigma: float | None = None, *, step_scale: float = 1.0, txt=None):
     """Score-based denoising of samples (paper §2, "Denoising"): x + sigma^2 * grad_x log p(x), Tweedie's
     formula for a model trained on data + N(0, sigma^2) noise, with the flow's own exact density. The official
     code (`evaluate_fid.py`, `sample.ipynb`) takes one gradient step on its mean loss with lr = B * N * sigma^2,
     which is the same step; `step_scale` is its `--self_denoising_lr` multiplier. Exact only for Gaussian
     training noise: for uniform dequantization, sigma = bin width / sqrt(12) matches the noise variance but the
     step is an approximation. Apply it before clipping to [-1, 1], as the official code does. Batched (samples do not
-    interact); works under `no_grad`/`inference_mode`; gradients reach only x, not the weights."""
+    interact); works under `no_grad`/`inference_mode`; gradients reach only x, not the weights. `txt`: the caption
+    states of a text-conditioned STARFlow (which has the same `log_prob`)."""
     if sigma is None:
         raise TypeError("denoise() needs sigma, the std of the Gaussian noise the model was trained with")
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)  # (B, C, H, W); clone also leaves inference mode
         y = None if y is None else y.clone()
-        (score,) = torch.autograd.grad(model.log_prob(x, y).sum(), x)  # (B, C, H, W)
+        lp = model.log_prob(x, y) if txt is None else model.log_prob(x, y, txt)  # (B,)
+        (score,) = torch.autograd.grad(lp.sum(), x)  # (B, C, H, W)
     return (x + step_scale * sigma**2 * score).detach()  # (B, C, H, W)

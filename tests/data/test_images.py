@@ -75,3 +75,14 @@ def test_batch_indices_cover_epochs_deterministically():
     seq = torch.cat([batch_indices(n, b, s, seed=3) for s in range(5)])  # 20 rows = 2 epochs
     assert sorted(seq[:10].tolist()) == list(range(10)) and sorted(seq[10:].tolist()) == list(range(10))
     assert torch.equal(batch_indices(n, b, 3, seed=3), batch_indices(n, b, 3, seed=3))
+
+
+def test_pad_to_and_crop_to_round_trip():
+    from genkit.data.images import crop_to
+
+    d = load_images("digits", "train")
+    p = d.padded(12)
+    assert p.shape == (1, 12, 12) and p.ints[:, :, :2].sum() == 0 and p.ints[:, :, :, -2:].sum() == 0
+    assert torch.equal(crop_to(p.ints, 8), d.ints) and torch.equal(p.labels, d.labels)
+    with pytest.raises(ConfigError, match="pad_to"):
+        d.padded(11)  # odd margin

@@ -98,7 +98,7 @@ def test_dry_run_and_model_choice():
     p = run_genkit("train-flow", "model=tarflowlm", "arch.layers=[mixd,mix1,mix1]", "--dry-run")
     assert "model: tarflowlm" in p.stdout and "layers: [mixd, mix1, mix1]" in p.stdout
     p = run_genkit("train-flow", "model=glow", "--dry-run", check=False)
-    assert p.returncode == 2 and "'tarflow', 'tarflowlm'" in p.stderr
+    assert p.returncode == 2 and "'tarflow', 'starflow', 'tarflowlm'" in p.stderr
     p = run_genkit("train-flow", "model=tarflowlm", "arch.patch_size=2", "arch.num_blocks=3", "--dry-run",
                    check=False)
     assert p.returncode == 2 and "arch.num_blocks: unknown key" in p.stderr  # the image keys are not text keys
