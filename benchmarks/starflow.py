@@ -66,32 +66,29 @@ def done(run: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def train_flow_run(name: str, recipe: str, overrides: list[str], fresh: bool) -> tuple[dict, Path]:
-    from genkit.flows.train import FlowRecipe, train_flow
-
+def _train_run(name: str, recipe: str, overrides: list[str], fresh: bool, recipe_cls, train) -> tuple[dict, Path]:
+    """A finished run under ROOT/name is reused (unless fresh); else it is trained from the recipe."""
     run = ROOT / name
     if not fresh and (m := done(run)) is not None:
         print(f"[{name}] reusing {run}")
         return m, run
     if fresh and run.exists():
         shutil.rmtree(run)
-    cfg = C.load(FlowRecipe, recipe, overrides)
+    cfg = C.load(recipe_cls, recipe, overrides)
     print(f"[{name}] training {recipe} {' '.join(overrides)}  (load {load()})", flush=True)
-    return train_flow(cfg, run, quiet=True), run
+    return train(cfg, run, quiet=True), run
+
+
+def train_flow_run(name: str, recipe: str, overrides: list[str], fresh: bool) -> tuple[dict, Path]:
+    from genkit.flows.train import FlowRecipe, train_flow
+
+    return _train_run(name, recipe, overrides, fresh, FlowRecipe, train_flow)
 
 
 def train_ae_run(name: str, recipe: str, overrides: list[str], fresh: bool) -> tuple[dict, Path]:
     from genkit.ae.train import AERecipe, train_ae
 
-    run = ROOT / name
-    if not fresh and (m := done(run)) is not None:
-        print(f"[{name}] reusing {run}")
-        return m, run
-    if fresh and run.exists():
-        shutil.rmtree(run)
-    cfg = C.load(AERecipe, recipe, overrides)
-    print(f"[{name}] training {recipe} {' '.join(overrides)}  (load {load()})", flush=True)
-    return train_ae(cfg, run, quiet=True), run
+    return _train_run(name, recipe, overrides, fresh, AERecipe, train_ae)
 
 
 def load_space(run: Path):
