@@ -265,6 +265,22 @@ def load(cls, recipe: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 # ------------------------------------------------------------------------------------------ output
+def model_config_from_dict(cls, d: dict, model_type: str, label: str, ignore: tuple[str, ...] = ()):
+    """A model folder's config.json -> the dataclass ``cls``: its ``model_type`` must be ``model_type`` and every
+    other key a field of ``cls`` (keys in ``ignore`` are dropped); all problems in one :class:`ConfigError`."""
+    d = dict(d)
+    found = d.pop("model_type", model_type)
+    for k in ignore:
+        d.pop(k, None)
+    known = {f.name for f in dataclasses.fields(cls)}
+    problems = [f"unknown {label} config key '{k}'" for k in d if k not in known]
+    if found != model_type:
+        problems.insert(0, f"model_type is '{found}', expected '{model_type}'")
+    if problems:
+        raise ConfigError(problems)
+    return cls(**d)
+
+
 def to_dict(cfg) -> dict:
     """A plain nested dict of a config (for YAML/JSON)."""
     return dataclasses.asdict(cfg)

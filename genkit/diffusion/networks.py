@@ -17,12 +17,13 @@ accepted too.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genkit.config import model_config_from_dict
 from genkit.errors import ConfigError
 
 MODEL_TYPE = "edm-unet"
@@ -68,17 +69,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        d = dict(d)
-        model_type = d.pop("model_type", MODEL_TYPE)
-        d.pop("precond", None)
-        d.pop("data", None)
-        known = {f.name for f in fields(cls)}
-        problems = [f"unknown UNet config key '{k}'" for k in d if k not in known]
-        if model_type != MODEL_TYPE:
-            problems.insert(0, f"model_type is '{model_type}', expected '{MODEL_TYPE}'")
-        if problems:
-            raise ConfigError(problems)
-        return cls(**d)
+        return model_config_from_dict(cls, d, MODEL_TYPE, "UNet", ignore=("precond", "data"))
 
 
 def _groups(c: int) -> int:

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genkit.config import model_config_from_dict
 from genkit.errors import ConfigError
 from genkit.flows.switches import BlockSwitches
 from genkit.flows.tarflow import MetaBlock, TarFlowConfig
@@ -127,15 +128,7 @@ class StarFlowConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> StarFlowConfig:
-        d = dict(d)
-        model_type = d.pop("model_type", MODEL_TYPE)
-        known = {f.name for f in fields(cls)}
-        problems = [f"unknown STARFlow config key '{k}'" for k in d if k not in known]
-        if model_type != MODEL_TYPE:
-            problems.insert(0, f"model_type is '{model_type}', expected '{MODEL_TYPE}'")
-        if problems:
-            raise ConfigError(problems)
-        return cls(**d)
+        return model_config_from_dict(cls, d, MODEL_TYPE, "STARFlow")
 
 
 class StarFlow(nn.Module):

@@ -29,13 +29,14 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genkit.config import model_config_from_dict
 from genkit.errors import ConfigError
 from genkit.flows.switches import INV_SOFTPLUS_1, BlockSwitches, RMSNorm, apply_rope, guide, rope_angles
 
@@ -87,15 +88,7 @@ class TarFlowConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TarFlowConfig:
-        d = dict(d)
-        model_type = d.pop("model_type", MODEL_TYPE)
-        known = {f.name for f in fields(cls)}
-        problems = [f"unknown TarFlow config key '{k}'" for k in d if k not in known]
-        if model_type != MODEL_TYPE:
-            problems.insert(0, f"model_type is '{model_type}', expected '{MODEL_TYPE}'")
-        if problems:
-            raise ConfigError(problems)
-        return cls(**d)
+        return model_config_from_dict(cls, d, MODEL_TYPE, "TarFlow")
 
 
 def _up(t):

@@ -64,13 +64,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genkit.config import model_config_from_dict
 from genkit.errors import ConfigError
 from genkit.flows.mixture_cdf import (
     LOG_SQRT_2PI,
@@ -150,15 +151,7 @@ class TarFlowLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TarFlowLMConfig:
-        d = dict(d)
-        kind = d.pop("model_type", MODEL_TYPE)
-        known = {f.name for f in fields(cls)}
-        p = [f"unknown TarFlowLM config key '{k}'" for k in d if k not in known]
-        if kind != MODEL_TYPE:
-            p.insert(0, f"model_type is '{kind}', expected '{MODEL_TYPE}'")
-        if p:
-            raise ConfigError(p)
-        return cls(**d)
+        return model_config_from_dict(cls, d, MODEL_TYPE, "TarFlowLM")
 
 
 # ---------------------------------------------------------------------------------------------- the layers
